@@ -1,0 +1,8 @@
+"""imgalign: align diffusion and flow-matching image generators with human preference.
+
+Layers (see the README): ``pipelines`` (adapters over diffusers pipelines), ``rewards``
+(reward models with one differentiable contract) and ``imgalign`` (algorithms, samplers,
+trainers and the command line), which uses the other two through their public API only.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""pipelines: adapters over diffusers pipelines — a denoiser we can step, score and differentiate.
+
+    import pipelines
+    adapter = pipelines.load("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16, device="cuda")
+    images = adapter.sample(["a red cube"], num_steps=28, guidance_scale=4.5,
+                            generator=[torch.Generator("cpu").manual_seed(0)])
+
+``load`` accepts a local pipeline directory, a hub id (the hub cache is used when offline),
+or a diffusers pipeline already in memory, and picks the adapter from the pipeline class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import Conditioning, DiffusionAdapter, Schedule, cond_batch_size
+from .attention import BACKENDS, AttentionBackendError
+from .flow import FluxAdapter, FluxKontextAdapter, StableDiffusion3Adapter
+from .lora import add_lora, has_lora, load_lora, lora_disabled, lora_parameters, save_lora, set_lora_enabled, unwrap_model
+from .stable_diffusion import InstructPix2PixAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
+from .steps import (
+    StepOutput,
+    ddim_step_with_logprob,
+    flow_cps_step_with_logprob,
+    flow_sde_step_with_logprob,
+    gaussian_log_prob,
+)
+
+ADAPTERS: dict[str, type[DiffusionAdapter]] = {}
+
+
+class UnsupportedPipelineError(ValueError):
+    """The pipeline class has no adapter."""
+
+
+def register_adapter(adapter_cls: type[DiffusionAdapter]) -> type[DiffusionAdapter]:
+    """Make ``load`` pick ``adapter_cls`` for each of its ``pipeline_classes``."""
+    for name in adapter_cls.pipeline_classes:
+        ADAPTERS[name] = adapter_cls
+    return adapter_cls
+
+
+for _cls in (
+    StableDiffusionAdapter,
+    StableDiffusionXLAdapter,
+    InstructPix2PixAdapter,
+    StableDiffusion3Adapter,
+    FluxAdapter,
+    FluxKontextAdapter,
+):
+    register_adapter(_cls)
+
+
+def adapter_for(pipeline_class_name: str) -> type[DiffusionAdapter]:
+    try:
+        return ADAPTERS[pipeline_class_name]
+    except KeyError:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise UnsupportedPipelineError(
+            f"pipeline class {pipeline_class_name!r} is not supported; supported: {supported}"
+        ) from None
+
+
+def load(
+    source: str | os.PathLike | Any,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    attention: str = "sdpa",
+    **from_pretrained_kwargs: Any,
+) -> DiffusionAdapter:
+    """Wrap a pipeline object, or load one from a directory / hub id, in its family's adapter."""
+    if not isinstance(source, (str, os.PathLike)):
+        adapter = adapter_for(type(source).__name__)(source)
+    else:
+        path = Path(source)
+        if path.exists():
+            index = path / "model_index.json"
+            if not index.is_file():
+                raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+            class_name = json.loads(index.read_text())["_class_name"]
+            adapter_cls = adapter_for(class_name)
+        elif str(source).startswith((".", "/", "~")) or os.sep + os.sep in str(source) or str(source).count("/") != 1:
+            raise FileNotFoundError(f"pipeline directory not found: {source}")
+        else:
+            adapter_cls = None  # hub id: the class is known after loading
+        from diffusers import DiffusionPipeline
+
+        if dtype is not None:
+            from_pretrained_kwargs["torch_dtype"] = dtype
+        pipe = DiffusionPipeline.from_pretrained(str(source), **from_pretrained_kwargs)
+        adapter = (adapter_cls or adapter_for(type(pipe).__name__))(pipe)
+    if device is not None or dtype is not None:
+        adapter.to(device=device, dtype=dtype)
+    adapter.set_attention_backend(attention)
+    return adapter
+
+
+__all__ = [
+    "ADAPTERS",
+    "BACKENDS",
+    "AttentionBackendError",
+    "Conditioning",
+    "DiffusionAdapter",
+    "FluxAdapter",
+    "FluxKontextAdapter",
+    "InstructPix2PixAdapter",
+    "Schedule",
+    "StableDiffusion3Adapter",
+    "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
+    "StepOutput",
+    "UnsupportedPipelineError",
+    "add_lora",
+    "adapter_for",
+    "cond_batch_size",
+    "ddim_step_with_logprob",
+    "flow_cps_step_with_logprob",
+    "flow_sde_step_with_logprob",
+    "gaussian_log_prob",
+    "has_lora",
+    "load",
+    "load_lora",
+    "lora_disabled",
+    "lora_parameters",
+    "register_adapter",
+    "save_lora",
+    "set_lora_enabled",
+    "unwrap_model",
+]

@@ -1,0 +1,159 @@
+"""LoRA on the denoiser through peft, saved in the diffusers LoRA format.
+
+* ``add_lora`` injects adapters with peft (``denoiser.add_adapter``); only they train.
+* ``lora_disabled`` turns them off temporarily: the disabled model *is* the reference
+  model (DPO, GRPO's KL), with no second copy in memory.
+* ``save_lora`` unwraps accelerate/DDP/``torch.compile`` wrappers first (a LoRA saved
+  under a ``module.`` or ``_orig_mod.`` prefix reloads with no effect: flow_grpo #87),
+  converts peft keys to the diffusers layout and writes ``pytorch_lora_weights.safetensors``
+  with the adapter config as metadata, so a plain ``pipe.load_lora_weights(dir)`` reproduces
+  the trained outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .adapter import DiffusionAdapter
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DistributedDataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+            "DistributedDataParallel",
+            "DataParallel",
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def add_lora(
+    adapter: DiffusionAdapter,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    dropout: float = 0.0,
+    adapter_name: str = "default",
+) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter to the denoiser, freeze everything else, return the LoRA parameters.
+
+    ``alpha`` defaults to ``rank`` (scale 1). LoRA B starts at zero, so the model's outputs
+    are unchanged until it trains.
+    """
+    from peft import LoraConfig
+
+    denoiser = unwrap_model(adapter.denoiser)
+    for module in _frozen_modules(adapter):
+        module.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+    denoiser.add_adapter(config, adapter_name=adapter_name)
+    params = lora_parameters(adapter)
+    for p in params:
+        p.data = p.data.float()  # train LoRA in fp32 even on a half-precision base
+    return params
+
+
+def lora_parameters(adapter: DiffusionAdapter) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of the denoiser."""
+    return [p for n, p in unwrap_model(adapter.denoiser).named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def has_lora(adapter: DiffusionAdapter) -> bool:
+    return any("lora_" in n for n, _ in unwrap_model(adapter.denoiser).named_parameters())
+
+
+@contextlib.contextmanager
+def lora_disabled(adapter: DiffusionAdapter) -> Iterator[None]:
+    """Run the base (reference) model: LoRA layers are bypassed inside the block."""
+    denoiser = unwrap_model(adapter.denoiser)
+    denoiser.disable_adapters()
+    try:
+        yield
+    finally:
+        denoiser.enable_adapters()
+
+
+def set_lora_enabled(adapter: DiffusionAdapter, enabled: bool) -> None:
+    denoiser = unwrap_model(adapter.denoiser)
+    denoiser.enable_adapters() if enabled else denoiser.disable_adapters()
+
+
+def save_lora(adapter: DiffusionAdapter, directory: str | os.PathLike, *, adapter_name: str = "default") -> Path:
+    """Write the LoRA in the diffusers format, atomically (temporary directory, then rename)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    denoiser = unwrap_model(adapter.denoiser)
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    state = convert_state_dict_to_diffusers({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    metadata = denoiser.peft_config[adapter_name].to_dict()
+    layers_key = f"{adapter.denoiser_name}_lora_layers"
+    metadata_key = f"{adapter.denoiser_name}_lora_adapter_metadata"
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        type(adapter.pipe).save_lora_weights(
+            tmp, **{layers_key: state, metadata_key: metadata}, weight_name=WEIGHT_NAME, safe_serialization=True
+        )
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_lora(adapter: DiffusionAdapter, directory: str | os.PathLike, *, adapter_name: str = "default") -> None:
+    """Load a diffusers-format LoRA into the adapter's pipeline (what users do with diffusers)."""
+    path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA directory not found: {path}")
+    adapter.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+
+
+def _frozen_modules(adapter: DiffusionAdapter) -> list[torch.nn.Module]:
+    names = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    return [m for n in names if isinstance(m := getattr(adapter.pipe, n, None), torch.nn.Module)]
+
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "add_lora",
+    "has_lora",
+    "load_lora",
+    "lora_disabled",
+    "lora_parameters",
+    "save_lora",
+    "set_lora_enabled",
+    "unwrap_model",
+]

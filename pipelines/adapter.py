@@ -50,8 +50,8 @@ StochasticMethod = Literal["ddim", "sde", "cps"]
 class Schedule:
     """The plan for one sampling run: N timesteps (as the denoiser receives them).
 
-    ``sigmas`` (flow models) has N+1 entries ending in 0: step ``i`` moves from
-    ``sigmas[i]`` to ``sigmas[i+1]``. ``prev_timesteps`` (epsilon/v models) gives the
+    ``sigmas`` (flow models, and Euler-type schedulers of epsilon/v models) has N+1 entries
+    ending in 0: step ``i`` moves from ``sigmas[i]`` to ``sigmas[i+1]``. ``prev_timesteps`` (epsilon/v models) gives the
     timestep each step lands on (-1 for the final, clean sample).
     """
 
@@ -204,7 +204,10 @@ class DiffusionAdapter:
             sigmas = self.scheduler.sigmas.to(torch.float32)
             return Schedule(timesteps, height, width, sigmas=sigmas)
         prev = torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
-        return Schedule(timesteps, height, width, prev_timesteps=prev)
+        sigmas = None
+        if float(getattr(self.scheduler, "init_noise_sigma", 1.0)) != 1.0:  # Euler-type: x = x0 + sigma * eps
+            sigmas = self.scheduler.sigmas.to(torch.float32)
+        return Schedule(timesteps, height, width, sigmas=sigmas, prev_timesteps=prev)
 
     def _set_timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -331,7 +334,14 @@ class DiffusionAdapter:
         if self.is_flow:
             sigma = schedule.sigmas[i].to(latents.device)
             return (latents.float() - sigma * model_output.float()).to(latents.dtype)
-        self._require_vp_scheduler()
+        if schedule.sigmas is not None:  # sigma-scaled (Karras/Euler) space
+            sigma = schedule.sigmas[i].to(latents.device)
+            x, out = latents.float(), model_output.float()
+            if self.prediction_type == "epsilon":
+                x0 = x - sigma * out
+            else:  # v-prediction in sigma space (Karras et al. 2022, table 1 with c_skip/c_out)
+                x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+            return x0.to(latents.dtype)
         a_t, _ = self._alphas(schedule, i)
         x0, _ = pred_x0_and_eps(model_output.float(), latents.float(), a_t, self.prediction_type)
         return x0.to(latents.dtype)

@@ -30,17 +30,10 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DistributedDataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ in (
-            "DistributedDataParallel",
-            "DataParallel",
-        ):
-            model = model.module
-        else:
-            return model
+    """Strip DDP/FSDP/DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False, keep_torch_compile=False)
 
 
 def add_lora(

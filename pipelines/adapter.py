@@ -198,7 +198,7 @@ class DiffusionAdapter:
     # ------------------------------------------------------------------ schedule & latents
     def schedule(self, num_steps: int, *, height: int | None = None, width: int | None = None) -> Schedule:
         """Set the scheduler for ``num_steps`` and return the timesteps (and sigmas)."""
-        height, width = self._check_size(height, width)
+        height, width = self.check_size(height, width)
         timesteps = self._set_timesteps(num_steps, height, width)
         if self.is_flow:
             sigmas = self.scheduler.sigmas.to(torch.float32)
@@ -221,7 +221,7 @@ class DiffusionAdapter:
         """Initial noise exactly as the pipeline draws it (same generator -> same latents)."""
         raise NotImplementedError
 
-    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default_h, default_w = self.default_size()
         height, width = height or default_h, width or default_w
         factor = self.vae_scale_factor * (2 if self.is_flow and self.family.startswith("flux") else 1)

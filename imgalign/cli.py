@@ -1,0 +1,69 @@
+"""The ``imgalign`` command: ``imgalign <command> [options]``.
+
+Bad input (a missing file, an unsupported pipeline, a size the VAE cannot take, an empty
+prompt file, ...) ends with one line on stderr and exit status 2, never a traceback. Set
+``IMGALIGN_DEBUG=1`` to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .commands import CommandError
+
+# name -> module in imgalign.commands; modules import their heavy dependencies inside run().
+COMMANDS = {
+    "sample": "Generate images with a diffusers pipeline through the adapter (PNGs, samples.jsonl, grid.png).",
+    "score": "Score images with a reward model or a weighted composite of them.",
+    "demo": "The main job: a CPU-only run that needs nothing downloaded.",
+}
+
+# Errors that mean "the user's input is wrong", reported as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgalign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"imgalign.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"imgalign.commands.{name}":
+                raise
+            continue
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except USER_ERRORS + _library_errors() as exc:
+        if os.environ.get("IMGALIGN_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"imgalign {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"imgalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """Errors from our layers that describe bad input (imported lazily: they pull in torch)."""
+    errors: list[type[BaseException]] = []
+    if "pipelines" in sys.modules:
+        errors.append(sys.modules["pipelines"].AttentionBackendError)
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

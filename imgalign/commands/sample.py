@@ -1,0 +1,113 @@
+"""``imgalign sample``: generate images through a pipeline adapter.
+
+Seeding convention: image ``i`` of a run (counting over all prompts and repeats) starts from
+``torch.Generator("cpu").manual_seed(seed + i)``, so image 0 with seed S is what
+``pipe(..., generator=torch.Generator("cpu").manual_seed(S))`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import CommandError
+
+HELP = "Generate images with a diffusers pipeline (PNG files, samples.jsonl, grid.png)."
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", required=True, help="pipeline directory or hub id")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="one prompt")
+    text.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--instruction", help="edit instruction (edit pipelines; same as --prompt)")
+    parser.add_argument("--image", type=Path, help="source image for edit pipelines")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4, help="images generated together (default 4)")
+    parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory to load")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "flash", "math"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The run's prompts from --prompt / --instruction / --prompts (blank lines skipped)."""
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise CommandError(f"prompt file not found: {args.prompts}")
+        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise CommandError(f"prompt file is empty: {args.prompts}")
+        return prompts
+    text = args.prompt if args.prompt is not None else args.instruction
+    if text is None:
+        raise CommandError("give --prompt TEXT, --prompts FILE or (for edit pipelines) --instruction TEXT")
+    return [text]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    import pipelines
+
+    from ..images import load_image, save_grid, save_png
+
+    prompts = read_prompts(args)
+    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
+        raise CommandError("--num-images, --steps and --batch-size must be positive")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    adapter = pipelines.load(str(args.pipeline), dtype=dtype, device=device, attention=args.attention)
+    if args.lora is not None:
+        pipelines.load_lora(adapter, args.lora)
+    source = None
+    if adapter.is_edit:
+        if args.image is None:
+            raise CommandError(f"{adapter.family} is an edit pipeline: give --image SRC and --instruction TEXT")
+        source = load_image(args.image)
+    elif args.image is not None:
+        raise CommandError(f"--image is only for edit pipelines; {adapter.family} is text-to-image")
+    height, width = args.height, args.width
+    if source is not None:
+        height, width = height or source.shape[-2], width or source.shape[-1]
+    height, width = adapter.check_size(height, width)  # fail fast, before any model call
+
+    jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_images))]
+    args.out.mkdir(parents=True, exist_ok=True)
+    guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    records, images = [], []
+    with (args.out / "samples.jsonl").open("w") as log, tqdm(total=len(jobs), desc="sampling", unit="img") as bar:
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start : start + args.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+            extra = {}
+            if source is not None:
+                extra["image"] = source.expand(len(batch), -1, -1, -1).to(device)
+            out = adapter.sample(
+                [p for p, _ in batch], num_steps=args.steps, height=height, width=width,
+                generator=generators, **guidance, **extra,
+            )  # fmt: skip
+            for k, ((prompt, seed), image) in enumerate(zip(batch, out.cpu(), strict=True)):
+                name = f"{start + k:04d}.png"
+                save_png(image, args.out / name)
+                record = {"file": name, "prompt": prompt, "seed": seed, "steps": args.steps,
+                          "guidance": args.guidance, "height": height, "width": width,
+                          "pipeline": str(args.pipeline), "lora": str(args.lora) if args.lora else None}  # fmt: skip
+                log.write(json.dumps(record) + "\n")
+                records.append(record)
+                images.append(image)
+            bar.update(len(batch))
+    save_grid(images, args.out / "grid.png")
+    print(f"wrote {len(records)} images, samples.jsonl and grid.png to {args.out}")
+    return 0

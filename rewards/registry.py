@@ -1,0 +1,122 @@
+"""Rewards by name.
+
+``register(name, factory)`` adds a reward; ``factory(**options) -> Reward`` or a lazy
+``"module:function"`` string (so heavy imports happen only when that reward is loaded).
+``load`` accepts:
+
+* a registered name: ``load("hpsv2.1", checkpoint="/path/HPS_v2.1_compressed.pt")``;
+* a weighted spec, as a mapping or a string: ``load({"hpsv2.1": 1.0, "clip": 0.5})``,
+  ``load("hpsv2.1=1,clip=0.5")`` -> :class:`~rewards.composite.CompositeReward`;
+* a path to a JSON description ``{"name": ..., "options": {...}}`` (or a directory holding
+  ``reward.json``); relative paths inside ``options`` are resolved against its directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .base import Reward
+
+__all__ = ["available", "load", "parse_spec", "register"]
+
+Factory = Callable[..., Reward]
+_REGISTRY: dict[str, Factory | str] = {}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower()
+
+
+def register(name: str, factory: Factory | str, *, overwrite: bool = False) -> None:
+    """Make ``load(name, **options)`` call ``factory(**options)``."""
+    key = _key(name)
+    if not key or any(c in key for c in ",="):
+        raise ValueError(f"invalid reward name {name!r} (no ',' or '=' allowed)")
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
+    if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
+        raise TypeError("factory must be callable or a 'module:function' string")
+    _REGISTRY[key] = factory
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _factory(name: str) -> Factory:
+    key = _key(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}")
+    f = _REGISTRY[key]
+    if isinstance(f, str):
+        module, _, attr = f.partition(":")
+        f = getattr(importlib.import_module(module), attr)
+        _REGISTRY[key] = f
+    return f
+
+
+def parse_spec(spec: str) -> dict[str, float]:
+    """``"a=1,b=0.5"`` -> ``{"a": 1.0, "b": 0.5}``; a bare name has weight 1."""
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, weight = part.partition("=")
+        name = name.strip()
+        try:
+            w = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"bad weight {weight!r} for reward {name!r} in {spec!r}") from None
+        if not name:
+            raise ValueError(f"empty reward name in {spec!r}")
+        if name in out:
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}")
+        out[name] = w
+    if not out:
+        raise ValueError(f"empty reward spec {spec!r}")
+    return out
+
+
+def _load_json(path: Path, options: dict) -> Reward:
+    file = path / "reward.json" if path.is_dir() else path
+    desc = json.loads(file.read_text())
+    if not isinstance(desc, dict) or "name" not in desc:
+        raise ValueError(f"{file}: expected a JSON object with 'name' and optional 'options'")
+    opts = dict(desc.get("options", {}))
+    for k, v in list(opts.items()):
+        if isinstance(v, str) and (v.startswith("./") or v.startswith("../")):
+            opts[k] = str((file.parent / v).resolve())
+    opts.update(options)
+    return load(desc["name"], **opts)
+
+
+def load(name_or_path: str | Mapping[str, float], **options) -> Reward:
+    """Build a reward from a name, a weighted spec, or a JSON description (see module doc)."""
+    if isinstance(name_or_path, Mapping):
+        from .composite import CompositeReward
+
+        members = {}
+        for name, weight in name_or_path.items():
+            members[name] = (load(name, **options.get(name, {}) if isinstance(options.get(name), Mapping) else {}), float(weight))
+        extra = {k: v for k, v in options.items() if k not in name_or_path}
+        return CompositeReward(members, **extra)
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"load() takes a name, a path or a mapping name->weight, got {type(name_or_path).__name__}")
+    if "," in name_or_path or "=" in name_or_path:
+        return load(parse_spec(name_or_path), **options)
+    if _key(name_or_path) in _REGISTRY:
+        reward = _factory(name_or_path)(**options)
+        if not isinstance(reward, Reward):
+            raise TypeError(f"factory for {name_or_path!r} returned {type(reward).__name__}, not a Reward")
+        return reward
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json" and path.is_file() or (path.is_dir() and (path / "reward.json").is_file()):
+        return _load_json(path, options)
+    raise ValueError(
+        f"unknown reward {name_or_path!r}: not a registered name ({', '.join(available())}) "
+        f"nor a reward.json file/directory"
+    )

@@ -18,6 +18,7 @@ from .commands import CommandError
 COMMANDS = {
     "sample": "Generate images with a diffusers pipeline through the adapter (PNGs, samples.jsonl, grid.png).",
     "score": "Score images with a reward model or a weighted composite of them.",
+    "train": "Fine-tune a pipeline on a differentiable reward (refl, draft, imagerefl).",
     "demo": "The main job: a CPU-only run that needs nothing downloaded.",
 }
 

@@ -22,6 +22,7 @@ from .adapter import Conditioning, DiffusionAdapter, Schedule, cond_batch_size
 from .attention import BACKENDS, AttentionBackendError
 from .flow import FluxAdapter, FluxKontextAdapter, StableDiffusion3Adapter
 from .lora import add_lora, has_lora, load_lora, lora_disabled, lora_parameters, save_lora, set_lora_enabled, unwrap_model
+from .shapes import ShapesAdapter, ShapesPipeline
 from .stable_diffusion import InstructPix2PixAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
 from .steps import (
     StepOutput,
@@ -52,6 +53,7 @@ for _cls in (
     StableDiffusion3Adapter,
     FluxAdapter,
     FluxKontextAdapter,
+    ShapesAdapter,
 ):
     register_adapter(_cls)
 
@@ -93,7 +95,8 @@ def load(
 
         if dtype is not None:
             from_pretrained_kwargs["torch_dtype"] = dtype
-        pipe = DiffusionPipeline.from_pretrained(str(source), **from_pretrained_kwargs)
+        pipeline_type = adapter_cls.pipeline_type() if adapter_cls is not None else DiffusionPipeline
+        pipe = pipeline_type.from_pretrained(str(source), **from_pretrained_kwargs)
         adapter = (adapter_cls or adapter_for(type(pipe).__name__))(pipe)
     if device is not None or dtype is not None:
         adapter.to(device=device, dtype=dtype)
@@ -111,6 +114,8 @@ __all__ = [
     "FluxKontextAdapter",
     "InstructPix2PixAdapter",
     "Schedule",
+    "ShapesAdapter",
+    "ShapesPipeline",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",

@@ -103,13 +103,16 @@ class DiffusionAdapter:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str, **kwargs: Any) -> DiffusionAdapter:
-        """Load the family's pipeline from a local directory or a hub id (hub cache when offline)."""
+    def pipeline_type(cls) -> type:
+        """The diffusers pipeline class this adapter wraps."""
         import diffusers
 
-        attention = kwargs.pop("attention", "sdpa")
-        pipe_cls = getattr(diffusers, cls.pipeline_classes[0])
-        return cls(pipe_cls.from_pretrained(path_or_id, **kwargs), attention=attention)
+        return getattr(diffusers, cls.pipeline_classes[0])
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, *, attention: str = "sdpa", **kwargs: Any) -> DiffusionAdapter:
+        """Load the family's pipeline from a local directory or a hub id (hub cache when offline)."""
+        return cls(cls.pipeline_type().from_pretrained(path_or_id, **kwargs), attention=attention)
 
     # ------------------------------------------------------------------ components
     @property

@@ -43,6 +43,8 @@ for _name, _target in {
     "lpips": "rewards.lpips_reward:lpips_distance",
     "lpips-sim": "rewards.lpips_reward:lpips_similarity",
     "dino": "rewards.dino:dino",
+    "editreward": "rewards.editreward:editreward",
+    "editreward-mimo": "rewards.editreward:editreward_mimo",
 }.items():
     register(_name, _target)
 del _name, _target

@@ -290,3 +290,20 @@ def test_prompt_sets_are_deterministic_and_disjoint() -> None:
     assert {pair[1] for pair in HELDOUT_PAIRS} == set(KINDS)  # every kind is held out in some colour
     with pytest.raises(ValueError):
         prompt_set("validation")
+
+
+def test_shipped_shapes_t2i_loads_matches_manifest_and_samples_through_the_adapter():
+    import torch
+
+    import pipelines
+    from imgalign.shapes.manifest import WEIGHTS_DIR, verify
+
+    assert verify()["t2i"] == []
+    adapter = pipelines.load(str(WEIGHTS_DIR / "t2i"), dtype=torch.float32)
+    assert adapter.family == "shapes" and adapter.vae is None
+    prompt = "a large red circle in the centre on a white background"
+    images = adapter.sample([prompt], num_steps=6, guidance_scale=3.0, generator=[torch.Generator().manual_seed(0)])
+    pipe = adapter.pipe
+    expected = pipe(prompt, num_inference_steps=6, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(images, expected)
+    assert images.shape == (1, 3, 32, 32)

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together (default 4)")
     parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory to load")
+    parser.add_argument("--sampler", default="ode", choices=["ode", "combined", "aig"],
+                        help="ode: the pipeline's own loop; combined: base model for the first --switch-step "
+                             "steps, then the LoRA; aig: s*base + (1-s)*tuned with s = 1-(i/T)^p (needs --lora)")
+    parser.add_argument("--switch-step", type=int, default=None,
+                        help="combined: steps run by the base model (default: 3/4 of --steps, ImageReFL's 30/40)")
+    parser.add_argument("--aig-power", type=float, default=1.0, help="aig: the power p (default 1)")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "flash", "math"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -62,10 +68,18 @@ def run(args: argparse.Namespace) -> int:
     import pipelines
 
     from ..images import load_image, save_grid, save_png
+    from ..sampling.combined import aig_sample, combined_sample
 
     prompts = read_prompts(args)
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise CommandError("--num-images, --steps and --batch-size must be positive")
+    if args.sampler != "ode" and args.lora is None:
+        raise CommandError(f"--sampler {args.sampler} mixes the base model and a LoRA: give --lora DIR")
+    switch_step = args.switch_step if args.switch_step is not None else (3 * args.steps) // 4
+    if args.sampler == "combined" and not 0 <= switch_step <= args.steps:
+        raise CommandError(f"--switch-step must be in [0, --steps={args.steps}], got {switch_step}")
+    if args.sampler == "aig" and args.aig_power < 0:
+        raise CommandError("--aig-power must be >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype])
     adapter = pipelines.load(str(args.pipeline), dtype=dtype, device=device, attention=args.attention)
@@ -94,16 +108,25 @@ def run(args: argparse.Namespace) -> int:
             extra = {}
             if source is not None:
                 extra["image"] = source.expand(len(batch), -1, -1, -1).to(device)
-            out = adapter.sample(
-                [p for p, _ in batch], num_steps=args.steps, height=height, width=width,
-                generator=generators, **guidance, **extra,
-            )  # fmt: skip
+            common = dict(num_steps=args.steps, height=height, width=width, generator=generators, **guidance, **extra)
+            batch_prompts = [p for p, _ in batch]
+            if args.sampler == "combined":
+                out = combined_sample(adapter, batch_prompts, switch_step=switch_step, **common)
+            elif args.sampler == "aig":
+                out = aig_sample(adapter, batch_prompts, power=args.aig_power, **common)
+            else:
+                out = adapter.sample(batch_prompts, **common)
             for k, ((prompt, seed), image) in enumerate(zip(batch, out.cpu(), strict=True)):
                 name = f"{start + k:04d}.png"
                 save_png(image, args.out / name)
                 record = {"file": name, "prompt": prompt, "seed": seed, "steps": args.steps,
                           "guidance": args.guidance, "height": height, "width": width,
-                          "pipeline": str(args.pipeline), "lora": str(args.lora) if args.lora else None}  # fmt: skip
+                          "pipeline": str(args.pipeline), "lora": str(args.lora) if args.lora else None,
+                          "sampler": args.sampler}  # fmt: skip
+                if args.sampler == "combined":
+                    record["switch_step"] = switch_step
+                elif args.sampler == "aig":
+                    record["aig_power"] = args.aig_power
                 log.write(json.dumps(record) + "\n")
                 records.append(record)
                 images.append(image)

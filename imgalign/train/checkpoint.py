@@ -1,0 +1,218 @@
+"""Training checkpoints: atomic, rotated, safe to load, and complete enough for exact resume.
+
+Layout of ``<output_dir>/checkpoints/checkpoint-000120/``::
+
+    trainable.safetensors      trainable parameters by name (the LoRA, or the whole denoiser)
+    optimizer.pt, lr_scheduler.pt, ema.pt   state dicts (tensors + numbers: loaded weights_only)
+    extra.safetensors          other module state that moves during training (reward running stats)
+    rng-<process>.json         python / numpy / torch (+ CUDA) RNG states of each process
+    trainer_state.json         step, samples seen, consecutive non-finite steps, ...
+
+Why our own format rather than ``accelerator.save_state``: accelerate stores the whole
+(frozen) model and reloads custom state and RNG pickles with ``weights_only=False``; we store
+only what trains, and nothing here unpickles code.
+
+A checkpoint is written into a hidden temporary directory and renamed into place once every
+process has written its part, so a crash mid-write never leaves a half checkpoint that
+``latest`` would pick. Rotation removes the oldest beyond ``total_limit``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "checkpoint-"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Loop counters saved with every checkpoint (the data position is a function of ``step``)."""
+
+    step: int = 0  # optimizer steps completed
+    samples_seen: int = 0  # over all processes
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints under ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str | None, directory: str | Path) -> Path | None:
+    """``"latest"`` -> the newest checkpoint in ``directory`` (None if there is none); else a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(directory)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"not a checkpoint directory (no trainer_state.json): {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    """Global RNG states as JSON-able data (no pickles)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------- save / load
+def _state_to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _state_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_state_to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointManager:
+    """Save and restore the training state under ``directory`` (every process calls both).
+
+    ``barrier`` is ``accelerator.wait_for_everyone`` in multi-process runs; the main process
+    writes the shared parts and renames, every process writes its own RNG state.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        total_limit: int | None = None,
+        process_index: int = 0,
+        is_main: bool = True,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.total_limit = total_limit
+        self.process_index = process_index
+        self.is_main = is_main
+        self.barrier = barrier
+
+    def save(
+        self,
+        state: TrainerState,
+        *,
+        trainable: dict[str, torch.Tensor],
+        optimizer: Any,
+        lr_scheduler: Any,
+        ema: Any | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+        config_yaml: str | None = None,
+    ) -> Path:
+        final = self.directory / checkpoint_name(state.step)
+        tmp = self.directory / f".{final.name}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        if self.is_main:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            torch.save(_state_to_cpu(optimizer.state_dict()), tmp / "optimizer.pt")
+            torch.save(_state_to_cpu(lr_scheduler.state_dict()), tmp / "lr_scheduler.pt")
+            if ema is not None:
+                torch.save(_state_to_cpu(ema.state_dict()), tmp / "ema.pt")
+            if extra:
+                save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
+            if config_yaml is not None:
+                (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        (tmp / f"rng-{self.process_index}.json").write_text(json.dumps(rng_state()))
+        self.barrier()
+        if self.is_main:
+            if final.exists():  # re-saving the same step (e.g. the final step): replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._rotate()
+        self.barrier()
+        return final
+
+    def _rotate(self) -> None:
+        if not self.total_limit or self.total_limit < 1:
+            return
+        found = list_checkpoints(self.directory)
+        for old in found[: max(0, len(found) - self.total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(
+        self,
+        path: str | Path,
+        *,
+        trainable: dict[str, torch.nn.Parameter],
+        optimizer: Any,
+        lr_scheduler: Any,
+        ema: Any | None = None,
+        extra_modules: dict[str, torch.nn.Module] | None = None,
+    ) -> TrainerState:
+        """Restore everything saved by :meth:`save` into the live objects; return the counters."""
+        path = Path(path)
+        saved = load_file(path / "trainable.safetensors")
+        missing = sorted(set(trainable) - set(saved))
+        unexpected = sorted(set(saved) - set(trainable))
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: trainable parameters do not match the run (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); was it saved with another LoRA rank/targets or full fine-tuning?"
+            )
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(saved[name].to(param.device, param.dtype))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True))
+        if ema is not None:
+            if not (path / "ema.pt").is_file():
+                raise FileNotFoundError(f"{path}: the run uses EMA but the checkpoint has no ema.pt")
+            ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        if extra_modules and (path / "extra.safetensors").is_file():
+            extra = load_file(path / "extra.safetensors")
+            for prefix, module in extra_modules.items():
+                own = {k[len(prefix) + 1 :]: v for k, v in extra.items() if k.startswith(prefix + ".")}
+                if own:
+                    module.load_state_dict(own, strict=False)
+        rng_file = path / f"rng-{self.process_index}.json"
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()))
+        return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+__all__ = ["CheckpointManager", "TrainerState", "checkpoint_name", "list_checkpoints", "resolve_resume"]

@@ -1,0 +1,267 @@
+"""Typed training configs: dataclasses <- YAML recipe <- ``key=value`` overrides.
+
+A recipe is a YAML file whose keys mirror a dataclass tree; command-line overrides use
+dotted keys and YAML values (``optim.lr=3e-5``, ``refl.window=[30,39]``,
+``reward={hpsv2.1: 1, clip: 0.5}``). Unknown keys and wrong types fail at load time with the
+dotted key and the known alternatives, not in the middle of a run. The resolved config is
+written next to the outputs (``to_yaml``) so a run can be reproduced from its directory.
+
+The sections here are method-agnostic (model, LoRA, optimiser, loop, sampling, data,
+validation); each trainer adds its own method section and a top-level dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+# ============================================================================ sections
+@dataclass
+class ModelConfig:
+    """Which pipeline to train and how to place it."""
+
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: the mixed-precision dtype for frozen weights
+    scheduler: str | None = None  # swap the pipeline's scheduler ("ddim", "ddpm", "euler", "flow-euler")
+    attention: str = "sdpa"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the denoiser (``pipelines.add_lora``); ``enabled: false`` is full fine-tuning."""
+
+    enabled: bool = True
+    rank: int = 8
+    alpha: float | None = None  # default: rank (scale 1)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and a diffusers LR schedule (``diffusers.optimization.get_scheduler`` names)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+
+
+@dataclass
+class LoopConfig:
+    """The training loop: steps, batches, precision, checkpoints, stability guards."""
+
+    max_steps: int = 100
+    batch_size: int = 1  # per process and micro-batch
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    vae_checkpointing: bool = False  # recompute the differentiable VAE decode in backward
+    ema_decay: float | None = None  # keep an EMA of the trainable weights (saved output uses it)
+    checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    checkpoints_total_limit: int | None = 3
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    log_every: int = 1
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class SamplingConfig:
+    """How training samples are generated."""
+
+    num_steps: int = 40
+    guidance_scale: float | None = None  # None: the family's default in encode_prompt
+    image_guidance_scale: float = 1.5  # edit models (InstructPix2Pix)
+    detach_uncond: bool = False  # no gradient through the unconditional CFG branch
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Prompts, or an images + captions folder (see ``imgalign.train.data``)."""
+
+    prompts: list[str] | str | None = None  # a list, or a text file with one prompt per line
+    images: str | None = None  # folder of images + captions (real images / edit sources)
+    pretrain_images: str | None = None  # caption/image folder for a pre-training loss
+
+
+@dataclass
+class ValidationConfig:
+    """A fixed-seed image grid every ``every`` steps (and at the end)."""
+
+    every: int = 0  # 0: only at the end (if num_images > 0)
+    prompts: list[str] | None = None  # default: the first training prompts
+    num_images: int = 4
+    seed: int = 1234
+
+
+# ============================================================================ loading
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping, checking keys and value types."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean {_join(path, close[0])!r}?" if close else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown config key {_join(path, key)!r}{hint}")
+    kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: {value!r} fits none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, Sequence, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "refl.window=[30,39]"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (dotted keys, YAML values)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.problem})") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and not _is_leaf_mapping(key):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# Mappings that are *values* (replaced whole), not config sections merged key by key.
+_LEAF_MAPPINGS = {"reward", "reward_options"}
+
+
+def _is_leaf_mapping(key: str) -> bool:
+    return key in _LEAF_MAPPINGS
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), **fixed: Any) -> T:
+    """Recipe file (optional) + overrides + fixed keys (e.g. the method from the command)."""
+    data = load_yaml(path) if path is not None else {}
+    data = merge(data, parse_overrides(overrides))
+    for key, value in fixed.items():
+        if key in data and data[key] != value:
+            raise ConfigError(f"the recipe says {key}: {data[key]!r} but the command asks for {value!r}")
+        data[key] = value
+    return from_dict(cls, data)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

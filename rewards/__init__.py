@@ -7,9 +7,12 @@
 >>> both.score_components(images, prompts)           # {"hpsv2.1": ..., "clip": ..., "total": ...}
 
 ``rewards.register(name, factory)`` adds a reward; ``rewards.available()`` lists them.
+Preference losses are in ``rewards.preference``, metrics in ``rewards.evaluation``, dataset
+reading in ``rewards.data`` and reward-model training in ``rewards.training``.
 This package never imports ``imgalign`` or ``pipelines``.
 """
 
+from . import data, evaluation, preference
 from .base import Reward, RewardInfo, validate_images
 from .composite import CompositeReward
 from .loading import MissingWeightsError, UnsafeCheckpointError, load_state_dict
@@ -45,6 +48,7 @@ for _name, _target in {
     "dino": "rewards.dino:dino",
     "editreward": "rewards.editreward:editreward",
     "editreward-mimo": "rewards.editreward:editreward_mimo",
+    "trained-reward": "rewards.training:load_trained_reward",
 }.items():
     register(_name, _target)
 del _name, _target

@@ -8,7 +8,9 @@
 * a weighted spec, as a mapping or a string: ``load({"hpsv2.1": 1.0, "clip": 0.5})``,
   ``load("hpsv2.1=1,clip=0.5")`` -> :class:`~rewards.composite.CompositeReward`;
 * a path to a JSON description ``{"name": ..., "options": {...}}`` (or a directory holding
-  ``reward.json``); relative paths inside ``options`` are resolved against its directory.
+  ``reward.json``); relative paths (``"./..."``) anywhere inside ``options`` are resolved
+  against its directory. ``imgalign train-reward`` writes such directories
+  (``{"name": "trained-reward", ...}`` + ``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -81,15 +83,24 @@ def parse_spec(spec: str) -> dict[str, float]:
     return out
 
 
+def _resolve_relative(value, base: Path):
+    """``"./x"`` / ``"../x"`` strings -> absolute paths against ``base``, at any depth of nesting
+    (a trained reward nests its base reward's options)."""
+    if isinstance(value, str) and (value.startswith("./") or value.startswith("../") or value == "."):
+        return str((base / value).resolve())
+    if isinstance(value, dict):
+        return {k: _resolve_relative(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_relative(v, base) for v in value]
+    return value
+
+
 def _load_json(path: Path, options: dict) -> Reward:
     file = path / "reward.json" if path.is_dir() else path
     desc = json.loads(file.read_text())
     if not isinstance(desc, dict) or "name" not in desc:
         raise ValueError(f"{file}: expected a JSON object with 'name' and optional 'options'")
-    opts = dict(desc.get("options", {}))
-    for k, v in list(opts.items()):
-        if isinstance(v, str) and (v.startswith("./") or v.startswith("../")):
-            opts[k] = str((file.parent / v).resolve())
+    opts = _resolve_relative(dict(desc.get("options", {})), file.parent)
     opts.update(options)
     return load(desc["name"], **opts)
 

@@ -10,6 +10,7 @@ Overrides use dotted keys and YAML values (``refl.window=[30,39]``, ``reward={hp
 from __future__ import annotations
 
 import argparse
+import re
 
 from . import CommandError
 
@@ -31,6 +32,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the schedule still targets train.max_steps)")  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    parser.__class__ = _OverridesAfterOptionsParser
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+class _OverridesAfterOptionsParser(argparse.ArgumentParser):
+    """Accept ``train refl --config F a.b=1``: argparse alone matches positionals in one run.
+
+    The ``key=value`` words (that are not an option's value) are moved next to the method
+    word, so that ``method`` and ``overrides`` are consumed together.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(args or [])
+        takes_value = {s for a in self._actions if a.nargs != 0 for s in a.option_strings}
+        overrides, rest = [], []
+        for i, token in enumerate(args):
+            is_option_value = i > 0 and args[i - 1] in takes_value
+            (overrides if _OVERRIDE.match(token) and not is_option_value else rest).append(token)
+        method_at = next((i for i, t in enumerate(rest) if not t.startswith("-") and (i == 0 or rest[i - 1] not in takes_value)), None)
+        if method_at is not None:
+            rest = rest[: method_at + 1] + overrides + rest[method_at + 1 :]
+        else:
+            rest = rest + overrides
+        return super().parse_known_args(rest, namespace)
 
 
 def run(args: argparse.Namespace) -> int:

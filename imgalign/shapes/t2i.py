@@ -126,6 +126,7 @@ def train_t2i(
     pipe = build_shapes_pipeline(seed).to(device)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    # Warm-up then cosine decay to 10% of the peak (the shipped weights were trained with this schedule).
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))

@@ -157,6 +157,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{path}: {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             raise ConfigError(f"{path} must be one of {list(args)}, got {value!r}")
         return value

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 import zlib
@@ -69,12 +70,23 @@ def build_accelerator(loop: LoopConfig, output_dir: str | Path) -> Any:
         elif name not in ("none", ""):
             raise ValueError(f"unknown tracker {name!r} in train.report_to: use tensorboard, wandb or none")
     output_dir = Path(output_dir)
-    return Accelerator(
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Under torchrun / `accelerate launch --multi_gpu` on a machine with no GPU, accelerate
+    # runs the workers as independent single processes unless told to use CPU (gloo).
+    cpu = world_size > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=loop.mixed_precision,
         gradient_accumulation_steps=loop.gradient_accumulation_steps,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={world_size} but accelerate runs {accelerator.num_processes} process(es); "
+            "check the accelerate launch flags"
+        )
+    return accelerator
 
 
 def weight_dtype(model_dtype: str, mixed_precision: str) -> torch.dtype:

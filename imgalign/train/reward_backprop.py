@@ -309,7 +309,7 @@ def sample_imagerefl(ctx: StepContext) -> Sampled:
     out = _predict_with_grad(ctx, x, stop)
     images = adapter.decode(adapter.pred_x0(out, sched, stop, x))
     return Sampled(images, ctx.batch.prompts, None, extra_losses={"denoising_mse": mse},
-                   metrics={"grad_step": stop, "denoising_mse": float(mse)})  # fmt: skip
+                   metrics={"grad_step": stop, "denoising_mse": float(mse.detach())})  # fmt: skip
 
 
 SAMPLERS: dict[str, Callable[[StepContext], Sampled]] = {
@@ -585,6 +585,10 @@ def train(cfg: RewardBackpropConfig, *, resume: str | None = None, stop_after_st
                               f"{outcome.grad_norm}); step skipped ({state.nonfinite_in_a_row} in a row)")  # fmt: skip
         else:
             state.nonfinite_in_a_row = 0
+        if accelerator.num_processes > 1 and sums:  # log means over processes, not the main one's
+            keys = sorted(sums)
+            means = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=device), reduction="mean")
+            sums = dict(zip(keys, means.tolist(), strict=True))
         elapsed, throughput = timer.lap(global_batch)
         metrics = {**sums, "grad_norm": outcome.grad_norm, "lr": lr_scheduler.get_last_lr()[0],
                    "step_time_s": elapsed, "samples_per_s": throughput, "skipped": float(not outcome.applied)}  # fmt: skip

@@ -1,0 +1,154 @@
+"""``imgalign filter``: every item accounted for, resume after SIGKILL, two processes = one."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgalign.cli import main
+from imgalign.curation import read_parts, select
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+N_GOOD = 21
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny CLIP reward.json and a JSONL dataset with 21 good items, a missing and a corrupt image."""
+    from safetensors.torch import save_file
+
+    from rewards.clip_score import build_open_clip
+
+    root = tmp_path_factory.mktemp("filter")
+    torch.manual_seed(0)
+    model, _ = build_open_clip(TINY, load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "tiny_clip.safetensors"))
+    (root / "reward.json").write_text(json.dumps(
+        {"name": "clip", "options": {"arch": TINY, "pretrained": None, "checkpoint": "./tiny_clip.safetensors"}}))
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(N_GOOD):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        lines.append({"image": f"images/{i}.png", "prompt": PROMPTS[i % 3], "id": i})
+    (root / "images" / "corrupt.png").write_bytes(b"not a png")
+    lines.insert(5, {"image": "images/missing.png", "prompt": PROMPTS[0], "id": "missing"})
+    lines.insert(9, {"image": "images/corrupt.png", "prompt": PROMPTS[1], "id": "corrupt"})
+    (root / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root
+
+
+def args(root, out, *extra):
+    return ["filter", "--data", str(root / "items.jsonl"), "--reward", str(root / "reward.json"),
+            "--top-fraction", "0.5", "--per", "prompt", "--batch-size", "2", "--device", "cpu", "--out", str(out),
+            *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def reference(dataset):
+    out = dataset / "uninterrupted"
+    assert main(args(dataset, out)) == 0
+    return out
+
+
+def test_every_item_has_a_score_or_an_error(dataset, reference):
+    rows = read_jsonl(reference / "scores.jsonl")
+    assert [r["index"] for r in rows] == list(range(N_GOOD + 2))
+    errors = {r["index"]: r["error"] for r in rows if "error" in r}
+    assert set(errors) == {5, 9}
+    assert "does not exist" in errors[5] and "UnidentifiedImageError" in errors[9]
+    assert all(isinstance(r["score"], float) for r in rows if "error" not in r)
+    # top half per prompt: 7 scored items per prompt -> ceil(3.5) = 4 kept each
+    kept = read_jsonl(reference / "kept.jsonl")
+    assert len(kept) == 12 and all(r["id"] not in ("missing", "corrupt") for r in kept)
+    for prompt in PROMPTS:
+        scores = sorted((r["score"] for r in rows if r.get("prompt") == prompt and "score" in r), reverse=True)
+        kept_scores = sorted((r["score"] for r in rows if r.get("prompt") == prompt and r["kept"]), reverse=True)
+        assert kept_scores == scores[:4]
+    # kept records are the input records, with paths that resolve from the output directory
+    assert all((reference / r["image"]).is_file() for r in kept)
+    assert (reference / "histogram.png").stat().st_size > 1000
+    summary = json.loads((reference / "summary.json").read_text())
+    assert (summary["items"], summary["errors"], summary["kept"]) == (N_GOOD + 2, 2, 12)
+
+
+def test_select_threshold_and_global_fraction():
+    results = {0: {"score": 1.0}, 1: {"score": 3.0}, 2: {"error": "x"}, 3: {"score": 3.0}, 4: {"score": 2.0}}
+    assert select(results, None, threshold=2.0)[0] == {1, 3, 4}
+    kept, info = select(results, None, top_fraction=0.5)
+    assert kept == {1, 3} and info["cutoff_score"] == 3.0
+    assert select(results, None, top_fraction=0.25)[0] == {1}  # tie at the cut: lower index first
+
+
+def test_bad_input_is_one_line(dataset, tmp_path, capsys):
+    assert main(["filter", "--data", str(tmp_path / "nope.jsonl"), "--reward", "clip", "--threshold", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+
+
+def kept_ids(out):
+    return [r["id"] for r in read_jsonl(out / "kept.jsonl")]
+
+
+def run_cli(argv, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "imgalign.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_killed_run_resumes_to_the_same_output(dataset, reference, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "IMGALIGN_FILTER_THROTTLE_S": "0.4", "HF_HUB_OFFLINE": "1"}
+    proc = run_cli(args(dataset, out), env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("part-*.jsonl"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_parts(out)
+    assert 3 <= len(partial) * 1 and len(partial) < N_GOOD + 2, "the run was not interrupted mid-way"
+    assert not (out / "scores.jsonl").exists()
+    resumed = run_cli(args(dataset, out), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    stdout, stderr = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, stderr.decode()[-2000:]
+    assert b"resuming" in stdout
+    read_parts(out)  # raises if any item was scored twice
+    ours, ref = read_jsonl(out / "scores.jsonl"), read_jsonl(reference / "scores.jsonl")
+    assert [r["index"] for r in ours] == [r["index"] for r in ref]
+    for a, b in zip(ours, ref):
+        assert a.get("error") == b.get("error") and a["kept"] == b["kept"]
+        if "score" in b:
+            assert math.isclose(a["score"], b["score"], rel_tol=1e-5, abs_tol=1e-6)
+    assert kept_ids(out) == kept_ids(reference)
+
+
+def test_two_processes_keep_the_same_set(dataset, reference, tmp_path):
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "imgalign.cli", *args(dataset, out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert kept_ids(out) == kept_ids(reference)
+    parts = read_parts(out)
+    assert sorted(parts) == list(range(N_GOOD + 2))

@@ -6,3 +6,14 @@ trainers and the command line), which uses the other two through their public AP
 """
 
 __version__ = "0.1.0"
+
+
+def _register_rewards() -> None:
+    """Make the Shapes rewards loadable by name everywhere a reward name is accepted."""
+    import rewards
+
+    rewards.register("shapes-oracle", "imgalign.shapes.rewards:shapes_oracle", overwrite=True)
+    rewards.register("shapes-clip", "imgalign.shapes.clip:shapes_clip", overwrite=True)
+
+
+_register_rewards()

@@ -20,6 +20,7 @@ COMMANDS = {
     "sample": "Generate images with a diffusers pipeline through the adapter (PNGs, samples.jsonl, grid.png).",
     "score": "Score images with a reward model or a weighted composite of them.",
     "train": "Fine-tune a pipeline on a differentiable reward (refl, draft, imagerefl).",
+    "eval": "Evaluate a generator: K images per prompt scored by rewards, with bootstrap intervals.",
     "demo": "The main job: a CPU-only run that needs nothing downloaded.",
     "train-reward": "Train a reward model on preference pairs (head, LoRA or full fine-tuning).",
     "eval-reward": "Evaluate a reward against human preferences (accuracy, accuracy with ties, rank correlation).",

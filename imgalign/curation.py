@@ -152,8 +152,10 @@ def score_items(reward, records: list[dict], indices: Sequence[int], spec: Filte
     """Score ``indices`` in batches, writing one part per batch."""
     from tqdm import tqdm
 
+    import rewards
+
     keys = spec.resolved_keys
-    base_dir = Path(spec.data).resolve().parent if Path(spec.data).is_file() else Path(spec.data).resolve()
+    base_dir = rewards.data.base_dir(spec.data)
     needs_source = "source_images" in reward.info.inputs
     throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
     with tqdm(total=len(indices), desc="filter", unit="item", disable=not show_progress) as bar:
@@ -220,34 +222,55 @@ def _rebase_paths(record: dict, path_keys: Sequence[str], src_dir: Path, dst_dir
     return out
 
 
+def _rebase_table(table, path_keys: Sequence[str], src_dir: Path, dst_dir: Path):
+    """:func:`_rebase_paths` for the string columns ``path_keys`` of an Arrow table."""
+    import pyarrow as pa
+
+    for key in path_keys:
+        if key not in table.column_names:
+            continue
+        field_ = table.schema.field(key)
+        if not (pa.types.is_string(field_.type) or pa.types.is_large_string(field_.type)):
+            continue  # bytes or {"bytes", "path"} structs (the datasets Image feature) travel as they are
+        values = [_rebase_paths({key: v}, [key], src_dir, dst_dir)[key] for v in table.column(key).to_pylist()]
+        table = table.set_column(table.column_names.index(key), field_, pa.array(values, type=field_.type))
+    return table
+
+
 def write_kept(spec: FilterSpec, records: list[dict], kept: list[int], out: Path) -> Path:
-    """The kept subset, in the input's format."""
+    """The kept subset, in the input's format (relative image paths rebased to still resolve)."""
     import rewards
 
     fmt = rewards.data.dataset_format(spec.data)
     data = Path(spec.data)
+    src_dir = rewards.data.base_dir(data)
+    path_keys = [k for k in (spec.resolved_keys.get("image"), spec.resolved_keys.get("source")) if k]
     if fmt == "jsonl":
-        path_keys = [k for k in (spec.resolved_keys.get("image"), spec.resolved_keys.get("source")) if k]
-        lines = [json.dumps(_rebase_paths(records[i], path_keys, data.resolve().parent, out)) + "\n" for i in kept]
+        lines = [json.dumps(_rebase_paths(records[i], path_keys, src_dir, out)) + "\n" for i in kept]
         target = out / "kept.jsonl"
         atomic_write_bytes(target, "".join(lines).encode())
         return target
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(str(data)).take(kept)
+        table = _rebase_table(pq.read_table(str(data)).take(kept), path_keys, src_dir, out)
         target = out / "kept.parquet"
         tmp = out / ".kept.parquet.tmp"
         pq.write_table(table, str(tmp))
         os.replace(tmp, target)
         return target
     import datasets
+    from datasets.table import InMemoryTable
 
     from imgalign.io import atomic_directory
 
     target = out / "kept"
+    source = datasets.load_from_disk(str(data))
+    # Take the rows at the Arrow level: select() + save_to_disk() would flatten the indices
+    # through a cache file written into the *input* directory.
+    table = _rebase_table(source.with_format("arrow")[kept], path_keys, src_dir, target)
     with atomic_directory(target) as tmp:
-        datasets.load_from_disk(str(data)).select(kept).save_to_disk(str(tmp))
+        datasets.Dataset(InMemoryTable(table), info=source.info.copy()).save_to_disk(str(tmp))
     return target
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DatasetFormatError", "dataset_format", "find_key", "load_image_value", "read_records"]
+__all__ = ["DatasetFormatError", "base_dir", "dataset_format", "find_key", "load_image_value", "read_records"]
 
 
 class DatasetFormatError(ValueError):
@@ -42,6 +42,12 @@ def dataset_format(path: str | os.PathLike) -> str:
     if p.suffix == ".parquet":
         return "parquet"
     raise DatasetFormatError(f"{p}: unsupported dataset format (use .jsonl, .parquet or a datasets directory)")
+
+
+def base_dir(path: str | os.PathLike) -> Path:
+    """The directory relative image paths resolve against: a file's folder, or the datasets directory itself."""
+    p = Path(path).resolve()
+    return p if p.is_dir() else p.parent
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -75,18 +81,13 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     ds = datasets.load_from_disk(str(p))
     if isinstance(ds, datasets.DatasetDict):
         raise DatasetFormatError(f"{p} holds several splits ({', '.join(ds)}); point at one split's directory")
-    return [dict(row) for row in ds.with_format(None).cast(_undecoded_features(ds))]
-
-
-def _undecoded_features(ds):
-    """Image columns as ``{"bytes", "path"}`` structs instead of PIL images (we decode ourselves)."""
-    import datasets
-
-    features = ds.features.copy()
-    for name, feature in features.items():
+    # Image columns as ``{"bytes", "path"}`` structs instead of PIL images (we decode ourselves).
+    # ``cast_column`` only changes the decoding; ``cast`` would run ``map`` and write cache files
+    # into the input directory.
+    for name, feature in ds.features.items():
         if isinstance(feature, datasets.Image):
-            features[name] = datasets.Image(decode=False)
-    return features
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return [dict(row) for row in ds.with_format(None)]
 
 
 def find_key(record: dict, explicit: str | None, candidates: tuple[str, ...], what: str, required: bool = True):

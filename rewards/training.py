@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from . import preference as P
 from .base import Reward, RewardInfo
+from .data import base_dir as dataset_base_dir
 from .data import find_key, load_image_value, read_records
 
 __all__ = [
@@ -343,13 +344,14 @@ def load_pairs(path: str, cfg: DataConfig, aspects: Sequence[str] = ()) -> list[
     key_label = find_key(first, cfg.label_key, LABEL_KEYS, "label", required=not aspects)
     key_prompt = find_key(first, cfg.prompt_key, PROMPT_KEYS, "prompt", required=False)
     key_source = find_key(first, cfg.source_key, SOURCE_KEYS, "source image", required=False)
-    base_dir = Path(path).resolve().parent
+    base_dir = dataset_base_dir(path)
     pairs = []
     for number, record in enumerate(records, 1):
         try:
-            target = P.label_to_target(record[key_label]) if key_label and key_label in record else math.nan
+            # a missing label is None in Parquet / datasets rows (every row has every column)
+            target = P.label_to_target(record[key_label]) if key_label and record.get(key_label) is not None else math.nan
             labels = record.get("labels") or {}
-            aspect_targets = [P.label_to_target(labels[a]) if a in labels else math.nan for a in aspects]
+            aspect_targets = [P.label_to_target(labels[a]) if labels.get(a) is not None else math.nan for a in aspects]
             source = record.get(key_source) if key_source else None
             pairs.append(Pair(
                 image_a=_resize(load_image_value(record[key_a], base_dir), cfg.image_size),

@@ -152,3 +152,56 @@ def test_two_processes_keep_the_same_set(dataset, reference, tmp_path):
     assert kept_ids(out) == kept_ids(reference)
     parts = read_parts(out)
     assert sorted(parts) == list(range(N_GOOD + 2))
+
+
+def test_parquet_in_parquet_out(dataset, reference, tmp_path):
+    """The same items as Parquet: same scores and kept set, kept.parquet whose paths resolve from --out."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import rewards
+
+    records = read_jsonl(dataset / "items.jsonl")
+    for r in records:
+        r["id"] = str(r["id"])  # one type per Parquet column
+    pq.write_table(pa.Table.from_pylist(records), str(dataset / "items.parquet"))
+    out = tmp_path / "pq"
+    argv = args(dataset, out)
+    argv[argv.index("--data") + 1] = str(dataset / "items.parquet")
+    assert main(argv) == 0
+    ours, ref = read_jsonl(out / "scores.jsonl"), read_jsonl(reference / "scores.jsonl")
+    assert [r["index"] for r in ours] == list(range(N_GOOD + 2))
+    for a, b in zip(ours, ref):
+        assert a.get("error") == b.get("error") and a["kept"] == b["kept"]
+        if "score" in b:
+            assert math.isclose(a["score"], b["score"], rel_tol=1e-5, abs_tol=1e-6)
+    kept = rewards.data.read_records(out / "kept.parquet")
+    assert [r["id"] for r in kept] == [str(i) for i in kept_ids(reference)]
+    assert all((out / r["image"]).is_file() for r in kept)
+
+
+def test_datasets_dir_in_datasets_dir_out(dataset, reference, tmp_path):
+    """A save_to_disk directory with an Image column: kept subset saved the same way, input left untouched."""
+    datasets = pytest.importorskip("datasets")
+    import rewards
+
+    records = [r for r in read_jsonl(dataset / "items.jsonl") if r["id"] not in ("missing", "corrupt")]
+    rows = [{"image": str(dataset / r["image"]), "prompt": r["prompt"], "id": r["id"]} for r in records]
+    src = tmp_path / "hf"
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).save_to_disk(str(src))
+    before = sorted(p.name for p in src.iterdir())
+    out = tmp_path / "hf-out"
+    argv = args(dataset, out)
+    argv[argv.index("--data") + 1] = str(src)
+    assert main(argv) == 0
+    assert sorted(p.name for p in src.iterdir()) == before  # no cache files written into the input
+    rows = read_jsonl(out / "scores.jsonl")
+    assert [r["index"] for r in rows] == list(range(N_GOOD)) and all("score" in r for r in rows)
+    ref = {r["index"]: r for r in read_jsonl(reference / "scores.jsonl")}
+    ref_index = [i for i in range(N_GOOD + 2) if i not in (5, 9)]
+    for r in rows:
+        assert math.isclose(r["score"], ref[ref_index[r["index"]]]["score"], rel_tol=1e-5, abs_tol=1e-6)
+    kept = datasets.load_from_disk(str(out / "kept"))
+    assert isinstance(kept.features["image"], datasets.Image)
+    assert kept["id"] == kept_ids(reference)
+    assert kept[0]["image"].size == (24, 24)
+    assert len(rewards.data.read_records(out / "kept")) == len(kept)

@@ -5,6 +5,7 @@ Tiny differentiable stand-in rewards are registered here:
 * ``test-red``: mean red minus mean green/blue (images only);
 * ``test-red-edit``: the same, minus the distance to the source image (an edit reward);
 * ``test-similarity``: 1 - mean squared distance to ``reference_images`` (a regulariser);
+* ``test-bright``: mean brightness (a second member for composite rewards);
 * ``test-nan-after``: ``test-red`` that turns NaN after a number of calls.
 """
 
@@ -65,6 +66,13 @@ class SimilarityReward(Reward):
         return 1 - ((images - reference_images) ** 2).mean(dim=(1, 2, 3))
 
 
+class BrightReward(Reward):
+    info = RewardInfo(name="test-bright", inputs=("images",))
+
+    def _score(self, images, prompts=None, **_):
+        return images.mean(dim=(1, 2, 3))
+
+
 class NanAfterReward(RedReward):
     calls = 0
 
@@ -78,7 +86,7 @@ class NanAfterReward(RedReward):
         return r * float("nan") if NanAfterReward.calls > self.after else r
 
 
-for _name, _factory in {"test-red": RedReward, "test-red-edit": RedEditReward,
+for _name, _factory in {"test-red": RedReward, "test-red-edit": RedEditReward, "test-bright": BrightReward,
                         "test-similarity": SimilarityReward, "test-nan-after": NanAfterReward}.items():  # fmt: skip
     rewards.register(_name, lambda _f=_factory, **kw: _f(**kw), overwrite=True)
 
@@ -235,7 +243,8 @@ def test_saved_lora_changes_plain_diffusers_output(trained_red, pipe_dirs):
 def test_resume_reproduces_the_uninterrupted_run(pipe_dirs, tmp_path):
     extra = dict(train__max_steps=6, train__gradient_accumulation_steps=2, train__checkpoint_every=2,
                  train__checkpoints_total_limit=2, train__ema_decay=0.9, optim__lr=5e-3, optim__lr_scheduler="cosine",
-                 optim__warmup_steps=2, model__scheduler="ddpm")  # fmt: skip  (DDPM: stochastic steps too
+                 optim__warmup_steps=2, model__scheduler="ddpm",  # DDPM: stochastic scheduler steps too
+                 reward="{test-red: 1.0, test-bright: 0.5}")  # composite: running statistics are state  # fmt: skip
     full, parts = tmp_path / "full", tmp_path / "parts"
     rb.train(rb.load_reward_backprop_config(None, _overrides(pipe_dirs["sd15"], full, **extra), "refl"))
     cfg = rb.load_reward_backprop_config(None, _overrides(pipe_dirs["sd15"], parts, **extra), "refl")
@@ -253,6 +262,17 @@ def test_resume_reproduces_the_uninterrupted_run(pipe_dirs, tmp_path):
     final_b = load_file(parts / "lora" / "pytorch_lora_weights.safetensors")
     for key in final_a:
         torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_refl_with_alternating_pretraining_steps(pipe_dirs, image_folder, tmp_path):
+    out = tmp_path / "pretrain"
+    overrides = _overrides(pipe_dirs["sd15"], out, train__max_steps=2, refl__pretrain_weight=1.0,
+                           refl__pretrain_alternate="true", data__pretrain_images=str(image_folder))  # fmt: skip
+    result = rb.train(rb.load_reward_backprop_config(None, overrides, "refl"))
+    first, second = _metrics(out)
+    assert "reward_mean" in first and "pretrain_loss" not in first  # a ReFL step
+    assert "pretrain_loss" in second and "reward_mean" not in second and second["grad_norm"] > 0  # a pre-training step
+    assert result.weights_dir is not None
 
 
 def test_per_step_noise_differs_by_process_and_step_and_repeats_exactly():

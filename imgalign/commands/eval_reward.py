@@ -38,12 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _images_of(record: dict) -> list:
-    if "images" in record:
+    has = lambda key: record.get(key) is not None  # noqa: E731 -- Parquet / datasets rows hold None for absent fields
+    if has("images"):
         return list(record["images"])
     for a, b in (("image_a", "image_b"), ("image_0", "image_1"), ("chosen_image", "rejected_image")):
-        if a in record and b in record:
+        if has(a) and has(b):
             return [record[a], record[b]]
-    if "image" in record:
+    if has("image"):
         return [record["image"]]
     raise ValueError(f"record has no images (fields: {', '.join(record)})")
 
@@ -65,31 +66,72 @@ def run(args) -> int:
     if not records:
         raise CommandError(f"{args.data}: no records")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be >= 1")
     reward = _load_reward(args.reward, args.checkpoint).to(device).eval()
-    base_dir = Path(args.data).resolve().parent
+    base_dir = rewards.data.base_dir(args.data)
     prompt_keys = ("prompt", "instruction", "caption", "text")
     source_keys = ("source_image", "source", "input_image")
 
-    predictions = []
+    def present(record: dict, keys) -> object:  # Parquet / datasets rows hold None for absent fields
+        return next((record[k] for k in keys if record.get(k) is not None), None)
+
+    # Images are scored in batches of the same size (and source size), whatever record they
+    # come from; a batch is scored once it is full, and everything pending once more than
+    # a few batches' worth of images wait (images of many sizes), so memory stays bounded.
+    scores: list[list[float | None]] = []
+    pending: dict[tuple, list] = {}  # (image shape, source shape) -> [(record, position, image, prompt, source)]
+    waiting = 0
+
+    def score_group(items: list) -> None:
+        images = torch.cat([it[2] for it in items])
+        prompts = [it[3] for it in items] if reward.info.needs_prompts else None
+        cond = {"source_images": torch.cat([it[4] for it in items])} if items[0][4] is not None else {}
+        try:
+            values = reward.score_batched(images, prompts, batch_size=args.batch_size, **cond).tolist()
+        except (OSError, ValueError) as group_err:
+            for it in items:  # name the record that fails
+                try:
+                    reward.score_batched(it[2], [it[3]] if prompts is not None else None, batch_size=1,
+                                         **({"source_images": it[4]} if it[4] is not None else {}))
+                except (OSError, ValueError) as err:
+                    raise CommandError(f"{args.data}: record {it[0] + 1}: {err}") from None
+            raise CommandError(f"{args.data}: {group_err}") from None
+        for it, value in zip(items, values):
+            scores[it[0]][it[1]] = float(value)
+
+    def flush(key=None) -> None:
+        nonlocal waiting
+        for k in [key] if key is not None else list(pending):
+            items = pending.pop(k)
+            waiting -= len(items)
+            score_group(items)
+
     for number, record in enumerate(tqdm(records, desc="eval-reward", unit="record"), 1):
         try:
             images = [rewards.data.load_image_value(v, base_dir) for v in _images_of(record)]
-            prompt = next((record[k] for k in prompt_keys if k in record), None)
-            source = next((record[k] for k in source_keys if k in record), None)
-            cond = {}
+            prompt = present(record, prompt_keys)
+            source = present(record, source_keys)
+            source_image = None
             if "source_images" in reward.info.inputs:
                 if source is None:
                     raise ValueError("this reward scores edits: the record has no source_image")
-                cond["source_images"] = rewards.data.load_image_value(source, base_dir)
-            scores = []
-            for image in images:  # images of one record may differ in size
-                with torch.no_grad():
-                    scores.append(float(reward(image.to(device), [prompt] if reward.info.needs_prompts else None,
-                                               **{k: v.to(device) for k, v in cond.items()})[0]))
+                source_image = rewards.data.load_image_value(source, base_dir)
         except (OSError, ValueError) as err:
             raise CommandError(f"{args.data}: record {number}: {err}") from None
-        predictions.append({"record": number - 1, "scores": scores, **{k: record[k] for k in
-                            ("label", "ranking", "human_scores", "human_score") if k in record}})
+        scores.append([None] * len(images))
+        for position, image in enumerate(images):  # images of one record may differ in size
+            key = (tuple(image.shape), tuple(source_image.shape) if source_image is not None else None)
+            pending.setdefault(key, []).append((number - 1, position, image, prompt, source_image))
+            waiting += 1
+            if len(pending[key]) >= args.batch_size:
+                flush(key)
+        if waiting > 4 * args.batch_size:
+            flush()
+    flush()
+    predictions = [{"record": i, "scores": s, **{k: record[k] for k in ("label", "ranking", "human_scores", "human_score")
+                                                 if record.get(k) is not None}}
+                   for i, (record, s) in enumerate(zip(records, scores))]
 
     h, m, probs, outcomes, groups, human, pred = [], [], [], [], {}, [], []
     for p in predictions:

@@ -1,5 +1,35 @@
-"""Samplers built from adapter steps (combined generation, AIG, ...)."""
+"""Samplers built from adapter steps, all with one call shape: ``run_sampler(name, adapter, prompts, ...)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from .combined import aig_base_weights, aig_sample, combined_sample
 
-__all__ = ["aig_base_weights", "aig_sample", "combined_sample"]
+SAMPLERS = ("ode", "combined", "aig")
+
+
+def run_sampler(
+    name: str, adapter: Any, prompts: str | Sequence[str], *, switch_step: int | None = None, aig_power: float = 1.0,
+    **common: Any,
+) -> Any:  # fmt: skip
+    """Images [B,3,H,W] in [0,1] from the sampler ``name``.
+
+    ``ode``: the pipeline's own deterministic loop; ``combined``: base model for the first
+    ``switch_step`` steps, then the LoRA (ImageReFL); ``aig``: base/tuned interpolation.
+    ``common`` holds ``num_steps``, ``guidance_scale``, ``height``, ``width``, ``generator`` and
+    conditioning keywords.
+    """
+    if name == "ode":
+        return adapter.sample(prompts, **common)
+    if name == "combined":
+        if switch_step is None:
+            switch_step = (3 * common.get("num_steps", 40)) // 4
+        return combined_sample(adapter, prompts, switch_step=switch_step, **common)
+    if name == "aig":
+        return aig_sample(adapter, prompts, power=aig_power, **common)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+__all__ = ["SAMPLERS", "aig_base_weights", "aig_sample", "combined_sample", "run_sampler"]

@@ -28,12 +28,12 @@ CONTEXT_LENGTH = 48
 
 
 def clip_config(vocab_size: int, pad_id: int, eos_id: int) -> dict:
-    """open_clip ``CLIP(**cfg)`` config: ViT on 32x32 (4x4 patches) + a 3-layer text tower."""
+    """open_clip ``CLIP(**cfg)`` config: ViT on 32x32 (4x4 patches) + a 2-layer text tower."""
     return {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
-        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "width": 128, "heads": 4,
-                     "layers": 3, "pad_id": pad_id, "eos_id": eos_id, "pool_type": "argmax"},
+        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 96, "layers": 3, "head_width": 32},
+        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "width": 96, "heads": 3,
+                     "layers": 2, "pad_id": pad_id, "eos_id": eos_id, "pool_type": "argmax"},
     }  # fmt: skip
 
 
@@ -102,7 +102,7 @@ def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((1 - mix) * noisy + mix * blurred).mul(jitter).clamp(0, 1)
 
 
-def train_shapes_clip(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 128, lr: float = 1e-3,
+def train_shapes_clip(out_dir: str | Path, *, steps: int = 1000, batch_size: int = 96, lr: float = 1e-3,
                       seed: int = 0, device: str = "cpu") -> Path:  # fmt: skip
     """Train from scratch; save ``config.json`` + ``model.safetensors`` (fp16) atomically."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -160,8 +160,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Train ShapesCLIP.")
     parser.add_argument("--out", default="imgalign/shapes/weights/clip")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

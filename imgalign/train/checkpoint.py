@@ -203,6 +203,7 @@ class CheckpointManager:
             if not (path / "ema.pt").is_file():
                 raise FileNotFoundError(f"{path}: the run uses EMA but the checkpoint has no ema.pt")
             ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+            ema.to(device=next(iter(trainable.values())).device)  # shadow weights live with the params
         if extra_modules and (path / "extra.safetensors").is_file():
             extra = load_file(path / "extra.safetensors")
             for prefix, module in extra_modules.items():

@@ -332,8 +332,22 @@ RECIPE_FAMILIES = {
 }
 
 
+SHAPES_RECIPES = ("shapes_clip_draft.yaml",)  # run on the shipped Shapes weights, no stand-ins needed
+
+
 def test_every_recipe_is_covered():
-    assert sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")) == sorted(RECIPE_FAMILIES)
+    assert sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")) == sorted([*RECIPE_FAMILIES, *SHAPES_RECIPES])
+
+
+@pytest.mark.parametrize("recipe", SHAPES_RECIPES)
+def test_shapes_recipe_runs_as_shipped(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe names the shipped weights relative to the checkout
+    path = ROOT / "recipes" / recipe
+    method = rb.load_reward_backprop_config(path, [], None).method
+    overrides = [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2", "sampling.num_steps=6",
+                 "validation.num_images=2"]  # fmt: skip
+    result = rb.train(rb.load_reward_backprop_config(path, overrides, method))
+    assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_FAMILIES))

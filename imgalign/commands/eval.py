@@ -44,12 +44,11 @@ def prompt_list(args: argparse.Namespace) -> list[str]:
             raise CommandError(f"prompt file not found: {args.prompts}")
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     else:
-        from imgalign.shapes import prompt_set
+        from imgalign.prompt_sets import PROMPT_SETS, prompt_set
 
-        names = {"shapes-heldout": "heldout", "shapes-train": "train"}
-        if args.prompt_set not in names:
-            raise CommandError(f"unknown prompt set {args.prompt_set!r}; known: {', '.join(names)}")
-        prompts = prompt_set(names[args.prompt_set])
+        if args.prompt_set not in PROMPT_SETS:
+            raise CommandError(f"unknown prompt set {args.prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
+        prompts = prompt_set(args.prompt_set)
     prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
     if not prompts:
         raise CommandError("no prompts to evaluate")

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     import pipelines
 
     from ..images import load_image, save_grid, save_png
-    from ..sampling.combined import aig_sample, combined_sample
+    from ..sampling import run_sampler
 
     prompts = read_prompts(args)
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
@@ -109,13 +109,8 @@ def run(args: argparse.Namespace) -> int:
             if source is not None:
                 extra["image"] = source.expand(len(batch), -1, -1, -1).to(device)
             common = dict(num_steps=args.steps, height=height, width=width, generator=generators, **guidance, **extra)
-            batch_prompts = [p for p, _ in batch]
-            if args.sampler == "combined":
-                out = combined_sample(adapter, batch_prompts, switch_step=switch_step, **common)
-            elif args.sampler == "aig":
-                out = aig_sample(adapter, batch_prompts, power=args.aig_power, **common)
-            else:
-                out = adapter.sample(batch_prompts, **common)
+            out = run_sampler(args.sampler, adapter, [p for p, _ in batch], switch_step=switch_step,
+                              aig_power=args.aig_power, **common)  # fmt: skip
             for k, ((prompt, seed), image) in enumerate(zip(batch, out.cpu(), strict=True)):
                 name = f"{start + k:04d}.png"
                 save_png(image, args.out / name)

@@ -28,9 +28,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def read_prompts(source: Sequence[str] | str | None) -> list[str]:
-    """A list of prompts, or a text file with one per line (blank lines skipped)."""
+    """A list of prompts, a named set (``shapes-train``), or a text file with one per line."""
+    from imgalign.prompt_sets import PROMPT_SETS, prompt_set
+
     if source is None:
         return []
+    if isinstance(source, str) and source in PROMPT_SETS:
+        return prompt_set(source)
     if isinstance(source, str):
         path = Path(source)
         if not path.is_file():

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import preprocess as P
+from .aesthetic import AestheticMLP  # ImageReward's head is the LAION aesthetic MLP (same layout)
 from .base import Reward, RewardInfo
 from .loading import MissingWeightsError, load_state_dict, resolve_dir, resolve_file, unwrap_state_dict
 
@@ -263,21 +264,6 @@ class _Blip(nn.Module):
         self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
 
 
-class _MLP(nn.Module):
-    def __init__(self, input_size: int):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
-
-
 class ImageRewardModel(nn.Module):
     """BLIP + MLP with exactly the released parameter names (``blip.*``, ``mlp.*``)."""
 
@@ -285,7 +271,7 @@ class ImageRewardModel(nn.Module):
         super().__init__()
         self.config = cfg or ImageRewardConfig()
         self.blip = _Blip(self.config)
-        self.mlp = _MLP(self.config.hidden_size)
+        self.mlp = AestheticMLP(self.config.hidden_size)
 
     def raw(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Un-normalised MLP output ``[B]`` for preprocessed pixels and tokens."""

@@ -29,12 +29,17 @@ CONTEXT_LENGTH = 48
 
 
 def clip_config(vocab_size: int, pad_id: int, eos_id: int) -> dict:
-    """open_clip ``CLIP(**cfg)`` config: ViT on 32x32 (4x4 patches) + a 2-layer text tower."""
+    """open_clip ``CLIP(**cfg)`` config: ViT on 32x32 (4x4 patches) + a 2-layer text tower.
+
+    The text feature is read at the ``<eos>`` token (``pool_type="eos"``): open_clip's default
+    ``"argmax"`` pools at the *largest token id*, which is only the end token for CLIP's BPE
+    vocabulary; with our alphabetical word vocabulary it would pool at a colour word.
+    """
     return {
         "embed_dim": 64,
         "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 96, "layers": 3, "head_width": 32},
         "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "width": 96, "heads": 3,
-                     "layers": 2, "pad_id": pad_id, "eos_id": eos_id, "pool_type": "argmax"},
+                     "layers": 2, "pad_id": pad_id, "eos_id": eos_id, "pool_type": "eos"},
     }  # fmt: skip
 
 
@@ -106,7 +111,7 @@ def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((1 - mix) * noisy + mix * blurred).mul(jitter).clamp(0, 1)
 
 
-def train_shapes_clip(out_dir: str | Path, *, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3,
+def train_shapes_clip(out_dir: str | Path, *, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
                       seed: int = 0, device: str = "cpu") -> Path:  # fmt: skip
     """Train from scratch; save ``config.json`` + ``model.safetensors`` (fp16) atomically."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -166,7 +171,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Train ShapesCLIP.")
     parser.add_argument("--out", default="imgalign/shapes/weights/clip")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")

@@ -96,11 +96,14 @@ def evaluate(
     texts = [p for p, _ in jobs]
     scores, details = {}, {}
     for name, reward in rewards.items():
+        # A judge (the Shapes oracle) scores everything in one call so that its per-image
+        # judgements cover the whole set; model rewards go through their chunked path.
+        is_judge = hasattr(reward, "last_judgements")
         with torch.no_grad():
-            values = reward.score_batched(all_images, texts, batch_size=batch_size) if hasattr(reward, "score_batched") else reward(all_images, texts)
+            values = reward(all_images, texts) if is_judge else reward.score_batched(all_images, texts, batch_size=batch_size)
         scores[name] = values.float().cpu().numpy().reshape(len(prompts), k)
-        judgements = getattr(reward, "last_judgements", None)
-        if judgements and len(judgements) == len(texts):
+        if is_judge:
+            judgements = reward.last_judgements
             from imgalign.shapes.oracle import summarize
 
             details[f"{name}/attributes"] = summarize(judgements)

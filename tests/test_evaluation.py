@@ -54,7 +54,8 @@ def test_oracle_reward_scores_ground_truth_one_and_mismatches_low():
 
 def test_eval_command_is_deterministic_and_reports_oracle_attributes(tmp_path):
     argv = ["eval", "--pipeline", "shapes", "--prompt-set", "shapes-heldout", "--num-prompts", "3",
-            "--images-per-prompt", "2", "--reward", "shapes-oracle", "--steps", "3", "--seed", "5"]  # fmt: skip
+            "--images-per-prompt", "2", "--reward", "shapes-oracle", "--steps", "3", "--seed", "5",
+            "--batch-size", "4"]  # fmt: skip  (6 images in chunks of 4: judgements must cover all)
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "report.json").read_text())

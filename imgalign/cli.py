@@ -14,34 +14,22 @@ import sys
 
 from .commands import CommandError
 
-# name -> module in imgalign.commands ("-" becomes "_": train-reward -> train_reward);
-# modules import their heavy dependencies inside run().
-COMMANDS = {
-    "sample": "Generate images with a diffusers pipeline through the adapter (PNGs, samples.jsonl, grid.png).",
-    "score": "Score images with a reward model or a weighted composite of them.",
-    "train": "Fine-tune a pipeline on a differentiable reward (refl, draft, imagerefl).",
-    "eval": "Evaluate a generator: K images per prompt scored by rewards, with bootstrap intervals.",
-    "demo": "The main job: a CPU-only run that needs nothing downloaded.",
-    "train-reward": "Train a reward model on preference pairs (head, LoRA or full fine-tuning).",
-    "eval-reward": "Evaluate a reward against human preferences (accuracy, accuracy with ties, rank correlation).",
-    "filter": "Score a dataset with a reward and keep the best items (resumable, data-parallel).",
-}
+# Subcommands, in --help order; each is the module imgalign.commands.<name with "-" -> "_">,
+# which gives its own one-line HELP and imports its heavy dependencies inside run().
+COMMANDS = ("sample", "score", "eval", "demo", "train", "train-reward", "eval-reward", "filter")
 
 # Errors that mean "the user's input is wrong", reported as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, FileNotFoundError, NotADirectoryError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgalign", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="imgalign", description="Align diffusion and flow-matching image generators with human preference."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module_name = f"imgalign.commands.{name.replace('-', '_')}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
+        module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(run=module.run)

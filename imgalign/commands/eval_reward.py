@@ -22,7 +22,7 @@ from pathlib import Path
 
 from imgalign.commands import CommandError
 
-HELP = "evaluate a reward against human preferences (accuracy, accuracy with ties, correlations)"
+HELP = "Evaluate a reward against human preferences (accuracy, accuracy with ties, correlations)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

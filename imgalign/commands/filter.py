@@ -15,7 +15,7 @@ import argparse
 
 from imgalign.commands import CommandError
 
-HELP = "score a dataset with a reward (or composite) and keep the top fraction or a threshold"
+HELP = "Score a dataset with a reward (or composite) and keep the top fraction or a threshold."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from imgalign.commands import CommandError
 
-HELP = "score images with reward models and write one JSON record per image"
+HELP = "Score images with reward models and write one JSON record per image."
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

@@ -16,7 +16,7 @@ import argparse
 
 from imgalign.commands import CommandError
 
-HELP = "train a reward model (head, LoRA or full) on preference pairs"
+HELP = "Train a reward model (head, LoRA or full) on preference pairs."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ def clip_config(vocab_size: int, pad_id: int, eos_id: int) -> dict:
     """
     return {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 96, "layers": 3, "head_width": 32},
+        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
         "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "width": 96, "heads": 3,
                      "layers": 2, "pad_id": pad_id, "eos_id": eos_id, "pool_type": "eos"},
     }  # fmt: skip
@@ -111,7 +111,7 @@ def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((1 - mix) * noisy + mix * blurred).mul(jitter).clamp(0, 1)
 
 
-def train_shapes_clip(out_dir: str | Path, *, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
+def train_shapes_clip(out_dir: str | Path, *, steps: int = 2000, batch_size: int = 64, lr: float = 5e-4,
                       seed: int = 0, device: str = "cpu") -> Path:  # fmt: skip
     """Train from scratch; save ``config.json`` + ``model.safetensors`` (fp16) atomically."""
     from diffusers.optimization import get_cosine_schedule_with_warmup

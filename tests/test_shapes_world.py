@@ -309,7 +309,7 @@ def test_shipped_shapes_t2i_loads_matches_manifest_and_samples_through_the_adapt
     assert images.shape == (1, 3, 32, 32)
 
 
-def test_shipped_shapes_clip_matches_manifest_and_tells_colours_apart():
+def test_shipped_shapes_clip_matches_manifest_and_tells_colours_and_sizes_apart():
     import numpy as np
     import torch
 
@@ -324,10 +324,11 @@ def test_shipped_shapes_clip_matches_manifest_and_tells_colours_apart():
     scenes = [sample_scene(rng, split="heldout") for _ in range(200)]
     images = torch.from_numpy(render_batch(scenes, 32, rng)).permute(0, 3, 1, 2).float() / 255
     true = reward.score_batched(images, [caption(s, rng) for s in scenes])
-    # The shipped ShapesCLIP is weak: it separates colours (0.78 held out) and little else
-    # (kind 0.48, size 0.62, position 0.54; see the manifest). This pins what it does today.
-    false = reward.score_batched(images, [caption(perturb(s, rng, "colour"), rng) for s in scenes])
-    assert (true > false).float().mean() > 0.7
+    # What the shipped ShapesCLIP does today on held-out scenes (see the manifest): colour 0.93,
+    # size 0.95; kind (0.51) and position (0.57) are not yet reliable, so they are not pinned.
+    for field in ("colour", "size"):
+        false = reward.score_batched(images, [caption(perturb(s, rng, field), rng) for s in scenes])
+        assert (true > false).float().mean() > 0.85, field
 
 
 def test_shapes_clip_text_feature_reads_the_whole_caption():

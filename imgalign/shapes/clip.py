@@ -37,7 +37,7 @@ def clip_config(vocab_size: int, pad_id: int, eos_id: int) -> dict:
     """
     return {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
+        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 96, "layers": 3, "head_width": 32},
         "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "width": 96, "heads": 3,
                      "layers": 2, "pad_id": pad_id, "eos_id": eos_id, "pool_type": "eos"},
     }  # fmt: skip
@@ -71,8 +71,9 @@ def shapes_clip(checkpoint: str | None = None, scale: float = 1.0, load_weights:
 
     directory = Path(checkpoint) if checkpoint else WEIGHTS_DIR / "clip"
     tokenizer = ShapesTextTokenizer()
-    config_file = directory / "config.json"
-    config = json.loads(config_file.read_text())["open_clip_config"] if config_file.is_file() else tokenizer.config
+    config = tokenizer.config  # a fresh model is built from the code's config ...
+    if load_weights:  # ... saved weights from the config they were trained with
+        config = json.loads((directory / "config.json").read_text())["open_clip_config"]
     return ClipScore.from_options(
         arch=config, pretrained=None, checkpoint=str(directory / "model.safetensors") if load_weights else None,
         tokenizer=tokenizer, scale=scale, load_weights=load_weights, name="shapes-clip",

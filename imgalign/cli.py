@@ -16,7 +16,7 @@ from .commands import CommandError
 
 # Subcommands, in --help order; each is the module imgalign.commands.<name with "-" -> "_">,
 # which gives its own one-line HELP and imports its heavy dependencies inside run().
-COMMANDS = ("sample", "score", "eval", "demo", "train", "train-reward", "eval-reward", "filter")
+COMMANDS = ("sample", "score", "eval", "demo", "train", "train-reward", "eval-reward", "filter", "shapes")
 
 # Errors that mean "the user's input is wrong", reported as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, FileNotFoundError, NotADirectoryError, ValueError)

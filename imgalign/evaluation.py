@@ -49,9 +49,14 @@ class EvalResult:
     diversity: np.ndarray  # [P]
     details: dict[str, Any] = field(default_factory=dict)  # e.g. the oracle's per-attribute accuracy
     images: torch.Tensor | None = None  # [P*K, 3, H, W]
+    aspects: dict[str, np.ndarray] = field(default_factory=dict)  # "<judge>/<aspect>" -> [P, K]
 
     def per_prompt(self, reward: str) -> np.ndarray:
-        return self.scores[reward].mean(axis=1)
+        """Mean over a prompt's images of a reward, or of a judge's aspect (``shapes-oracle/exact``)."""
+        values = self.scores.get(reward, self.aspects.get(reward))
+        if values is None:
+            raise KeyError(f"no reward or judge aspect {reward!r}; have {', '.join([*self.scores, *self.aspects])}")
+        return values.mean(axis=1)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_prompts": len(self.prompts), "images_per_prompt": self.images_per_prompt}
@@ -79,7 +84,8 @@ def evaluate(
     """Generate and score. Image ``j`` of prompt ``p`` uses seed ``seed + p * K + j``.
 
     ``sample(prompts, generators) -> images [B,3,H,W] in [0,1]``. Rewards with a
-    ``last_judgements`` attribute (the Shapes oracle) also contribute per-attribute accuracy.
+    ``last_judgements`` attribute (the Shapes oracle) also contribute per-attribute accuracy,
+    and per-image aspects (``<name>/exact``, ``<name>/colour``, ...) for paired comparisons.
     """
     from tqdm.auto import tqdm
 
@@ -94,7 +100,7 @@ def evaluate(
         images.append(out.float().cpu())
     all_images = torch.cat(images)
     texts = [p for p, _ in jobs]
-    scores, details = {}, {}
+    scores, details, aspects = {}, {}, {}
     for name, reward in rewards.items():
         # A judge (the Shapes oracle) scores everything in one call so that its per-image
         # judgements cover the whole set; model rewards go through their chunked path.
@@ -104,11 +110,14 @@ def evaluate(
         scores[name] = values.float().cpu().numpy().reshape(len(prompts), k)
         if is_judge:
             judgements = reward.last_judgements
-            from imgalign.shapes.oracle import summarize
+            from imgalign.shapes.oracle import ATTRIBUTES, summarize
 
             details[f"{name}/attributes"] = summarize(judgements)
+            for aspect in ("overall", "exact", "quality", *ATTRIBUTES):
+                per_image = np.array([float(getattr(j, aspect)) for j in judgements])
+                aspects[f"{name}/{aspect}"] = per_image.reshape(len(prompts), k)
     diversity = np.array([pairwise_diversity(all_images[i * k : (i + 1) * k]) for i in range(len(prompts))])
-    return EvalResult(prompts, k, scores, diversity, details, all_images if keep_images else None)
+    return EvalResult(prompts, k, scores, diversity, details, all_images if keep_images else None, aspects)
 
 
 def compare(before: EvalResult, after: EvalResult, reward: str, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:

@@ -1,10 +1,20 @@
-"""Named prompt sets, usable wherever a prompt file is (``data.prompts``, ``--prompt-set``)."""
+"""Named prompt sets, usable wherever a prompt file is (``data.prompts``, ``--prompt-set``).
+
+The Shapes held-out prompts (each with a colour/shape pair the generator never saw) are also
+split in two disjoint halves, so that alignment can train on prompts of that kind and still
+be judged on prompts it never trained on: ``shapes-heldout-eval`` (the first 100) and
+``shapes-heldout-align`` (the other 200).
+"""
 
 from __future__ import annotations
 
+HELDOUT_EVAL_SIZE = 100
+
 PROMPT_SETS = {
-    "shapes-train": "train",  # captions of the Shapes training split
-    "shapes-heldout": "heldout",  # held-out colour/shape pairs, never seen in training
+    "shapes-train": ("train", None),  # captions of the Shapes training split
+    "shapes-heldout": ("heldout", None),  # held-out colour/shape pairs, never seen in training
+    "shapes-heldout-eval": ("heldout", slice(0, HELDOUT_EVAL_SIZE)),
+    "shapes-heldout-align": ("heldout", slice(HELDOUT_EVAL_SIZE, None)),
 }
 
 
@@ -14,4 +24,6 @@ def prompt_set(name: str) -> list[str]:
         raise KeyError(f"unknown prompt set {name!r}; known: {', '.join(PROMPT_SETS)}")
     from imgalign.shapes import prompt_set as shapes_prompt_set
 
-    return shapes_prompt_set(PROMPT_SETS[name])
+    split, part = PROMPT_SETS[name]
+    prompts = shapes_prompt_set(split)
+    return prompts[part] if part is not None else prompts

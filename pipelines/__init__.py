@@ -23,6 +23,7 @@ from .attention import BACKENDS, AttentionBackendError
 from .flow import FluxAdapter, FluxKontextAdapter, StableDiffusion3Adapter
 from .lora import add_lora, has_lora, load_lora, lora_disabled, lora_parameters, save_lora, set_lora_enabled, unwrap_model
 from .shapes import ShapesAdapter, ShapesPipeline
+from .shapes_edit import ShapesEditAdapter, ShapesEditPipeline
 from .stable_diffusion import InstructPix2PixAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
 from .steps import (
     StepOutput,
@@ -54,6 +55,7 @@ for _cls in (
     FluxAdapter,
     FluxKontextAdapter,
     ShapesAdapter,
+    ShapesEditAdapter,
 ):
     register_adapter(_cls)
 
@@ -115,6 +117,8 @@ __all__ = [
     "InstructPix2PixAdapter",
     "Schedule",
     "ShapesAdapter",
+    "ShapesEditAdapter",
+    "ShapesEditPipeline",
     "ShapesPipeline",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",

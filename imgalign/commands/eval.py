@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from . import CommandError
+from .sample import add_best_of_n_arguments, sampler_options
 
 HELP = "Evaluate a generator: K images per prompt, scored by rewards, with bootstrap intervals."
 
@@ -19,9 +20,10 @@ HELP = "Evaluate a generator: K images per prompt, scored by rewards, with boots
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="pipeline directory or hub id ('shapes' = the shipped Shapes model)")
     parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory")
-    parser.add_argument("--sampler", default="ode", choices=["ode", "combined", "aig"])
+    parser.add_argument("--sampler", default="ode", choices=["ode", "combined", "aig", "best-of-n"])
     parser.add_argument("--switch-step", type=int, default=None, help="combined: steps run by the base model")
     parser.add_argument("--aig-power", type=float, default=1.0)
+    add_best_of_n_arguments(parser)
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
     prompts.add_argument("--prompt-set", help="a named prompt set: shapes-heldout, shapes-train")
@@ -77,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = prompt_list(args)
     if args.images_per_prompt < 1 or args.steps < 1:
         raise CommandError("--images-per-prompt and --steps must be positive")
-    if args.sampler != "ode" and args.lora is None:
-        raise CommandError(f"--sampler {args.sampler} needs --lora DIR")
+    best_of_n = sampler_options(args)
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
     scorers = {name: rewards.load(name) for name in names}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     def sample(batch_prompts, generators):
         return run_sampler(
             args.sampler, adapter, batch_prompts, switch_step=args.switch_step, aig_power=args.aig_power,
-            num_steps=args.steps, height=height, width=width, generator=generators, **guidance,
+            num_steps=args.steps, height=height, width=width, generator=generators, **best_of_n, **guidance,
         )  # fmt: skip
 
     result = evaluate(sample, prompts, scorers, images_per_prompt=args.images_per_prompt, seed=args.seed,

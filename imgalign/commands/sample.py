@@ -34,16 +34,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together (default 4)")
     parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory to load")
-    parser.add_argument("--sampler", default="ode", choices=["ode", "combined", "aig"],
+    parser.add_argument("--sampler", default="ode", choices=["ode", "combined", "aig", "best-of-n"],
                         help="ode: the pipeline's own loop; combined: base model for the first --switch-step "
-                             "steps, then the LoRA; aig: s*base + (1-s)*tuned with s = 1-(i/T)^p (needs --lora)")
+                             "steps, then the LoRA; aig: s*base + (1-s)*tuned with s = 1-(i/T)^p (needs --lora); "
+                             "best-of-n: the best of --best-of samples under --sampler-reward")
     parser.add_argument("--switch-step", type=int, default=None,
                         help="combined: steps run by the base model (default: 3/4 of --steps, ImageReFL's 30/40)")
     parser.add_argument("--aig-power", type=float, default=1.0, help="aig: the power p (default 1)")
+    add_best_of_n_arguments(parser)
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "flash", "math"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def add_best_of_n_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--best-of", type=int, default=4, help="best-of-n: candidates per image (default 4)")
+    parser.add_argument("--sampler-reward", default=None, help="best-of-n: the reward that picks (a name or directory)")
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    """Checks the sampler flags; returns best-of-n's keywords for ``run_sampler`` (empty otherwise)."""
+    if args.sampler in ("combined", "aig") and args.lora is None:
+        raise CommandError(f"--sampler {args.sampler} mixes the base model and a LoRA: give --lora DIR")
+    if args.sampler != "best-of-n":
+        return {}
+    if args.sampler_reward is None:
+        raise CommandError("--sampler best-of-n needs --sampler-reward NAME (the reward that picks the best)")
+    if args.best_of < 1:
+        raise CommandError(f"--best-of must be >= 1, got {args.best_of}")
+    import rewards
+
+    return {"reward": rewards.load(args.sampler_reward), "n": args.best_of}
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -73,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise CommandError("--num-images, --steps and --batch-size must be positive")
-    if args.sampler != "ode" and args.lora is None:
-        raise CommandError(f"--sampler {args.sampler} mixes the base model and a LoRA: give --lora DIR")
+    best_of_n = sampler_options(args)
     switch_step = args.switch_step if args.switch_step is not None else (3 * args.steps) // 4
     if args.sampler == "combined" and not 0 <= switch_step <= args.steps:
         raise CommandError(f"--switch-step must be in [0, --steps={args.steps}], got {switch_step}")
@@ -110,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 extra["image"] = source.expand(len(batch), -1, -1, -1).to(device)
             common = dict(num_steps=args.steps, height=height, width=width, generator=generators, **guidance, **extra)
             out = run_sampler(args.sampler, adapter, [p for p, _ in batch], switch_step=switch_step,
-                              aig_power=args.aig_power, **common)  # fmt: skip
+                              aig_power=args.aig_power, **best_of_n, **common)  # fmt: skip
             for k, ((prompt, seed), image) in enumerate(zip(batch, out.cpu(), strict=True)):
                 name = f"{start + k:04d}.png"
                 save_png(image, args.out / name)
@@ -122,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                     record["switch_step"] = switch_step
                 elif args.sampler == "aig":
                     record["aig_power"] = args.aig_power
+                elif args.sampler == "best-of-n":
+                    record.update(best_of=args.best_of, sampler_reward=args.sampler_reward)
                 log.write(json.dumps(record) + "\n")
                 records.append(record)
                 images.append(image)

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .best_of_n import best_of_n_sample
 from .combined import aig_base_weights, aig_sample, combined_sample
 
-SAMPLERS = ("ode", "combined", "aig")
+SAMPLERS = ("ode", "combined", "aig", "best-of-n")
 
 
 def run_sampler(
     name: str, adapter: Any, prompts: str | Sequence[str], *, switch_step: int | None = None, aig_power: float = 1.0,
-    **common: Any,
+    reward: Any = None, n: int = 4, **common: Any,
 ) -> Any:  # fmt: skip
     """Images [B,3,H,W] in [0,1] from the sampler ``name``.
 
     ``ode``: the pipeline's own deterministic loop; ``combined``: base model for the first
-    ``switch_step`` steps, then the LoRA (ImageReFL); ``aig``: base/tuned interpolation.
+    ``switch_step`` steps, then the LoRA (ImageReFL); ``aig``: base/tuned interpolation;
+    ``best-of-n``: the best of ``n`` samples under ``reward``.
     ``common`` holds ``num_steps``, ``guidance_scale``, ``height``, ``width``, ``generator`` and
     conditioning keywords.
     """
@@ -29,7 +31,11 @@ def run_sampler(
         return combined_sample(adapter, prompts, switch_step=switch_step, **common)
     if name == "aig":
         return aig_sample(adapter, prompts, power=aig_power, **common)
+    if name == "best-of-n":
+        if reward is None:
+            raise ValueError("the best-of-n sampler needs a reward")
+        return best_of_n_sample(adapter, prompts, reward=reward, n=n, **common)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-__all__ = ["SAMPLERS", "aig_base_weights", "aig_sample", "combined_sample", "run_sampler"]
+__all__ = ["SAMPLERS", "aig_base_weights", "aig_sample", "best_of_n_sample", "combined_sample", "run_sampler"]

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rewards import Reward, RewardInfo
 
 from .world import COLOURS, KINDS, POSITIONS, SIZES, LayoutError, Scene, caption, render_batch, sample_scene
 
@@ -179,3 +183,67 @@ if __name__ == "__main__":
     args = parser.parse_args()
     out = train_shapes_clip(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device)
     print(out, evaluate_shapes_clip(shapes_clip(str(out))))
+
+
+class ShapesCaptionContrast(Reward):
+    """``log p(caption | image)`` against hard-negative captions, under ShapesCLIP.
+
+    A raw CLIP score rises with anything caption-like and saturates (held-out samples of the
+    shipped model score 0.68, training prompts 0.85), so its gradient says little about *which*
+    attribute is wrong. This reward is a classifier over captions instead: the true caption
+    against ``negatives`` copies per attribute in ``fields`` with that attribute of one shape
+    changed (:func:`perturb`, the same hard negatives ShapesCLIP was trained with), as a
+    softmax of ShapesCLIP's logits (its learned temperature). Restricting ``fields`` targets
+    attributes: ``fields=("colour",)`` rewards exactly "the colours are right rather than
+    swapped", the attribute ShapesCLIP separates best on held-out scenes (93%). The idea is
+    CLIP's zero-shot classification (Radford et al. 2021, sec. 3.1.2) used as a reward.
+
+    Negatives are a deterministic function of (prompt, seed) and use the prompt's own
+    paraphrase template, so only the attributes differ between the candidates.
+    """
+
+    def __init__(self, clip=None, fields: Sequence[str] = ("colour", "kind", "size", "position"), negatives: int = 2,
+                 seed: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        unknown = [f for f in fields if f not in ATTRIBUTE_CHOICES]
+        if unknown or not fields:
+            raise ValueError(f"fields must be among {', '.join(ATTRIBUTE_CHOICES)}; got {list(fields)}")
+        if negatives < 1:
+            raise ValueError(f"negatives must be >= 1, got {negatives}")
+        self.clip = clip if clip is not None else shapes_clip()
+        self.fields, self.negatives, self.seed = tuple(fields), int(negatives), int(seed)
+        self.info = RewardInfo(
+            name="shapes-clip-contrast" if self.fields == tuple(ATTRIBUTE_CHOICES) else f"shapes-clip-contrast-{'-'.join(self.fields)}",
+            inputs=("images", "prompts"),
+            source="imgalign.shapes.clip: ShapesCLIP zero-shot log-probability of the caption against one-attribute changes",
+            score_range=(-math.inf, 0.0),
+        )  # fmt: skip
+
+    def candidates(self, prompt: str) -> list[str]:
+        """The prompt, then its hard negatives (same template, one attribute of one shape changed)."""
+        from .world import N_CAPTION_TEMPLATES, parse_caption
+
+        scene = parse_caption(prompt)
+        template = next((t for t in range(N_CAPTION_TEMPLATES) if caption(scene, template=t) == prompt), 0)
+        rng = np.random.default_rng([self.seed, zlib.crc32(prompt.encode())])
+        out = [prompt]
+        for field in self.fields:
+            for _ in range(self.negatives):
+                out.append(caption(perturb(scene, rng, field), template=template))
+        return out
+
+    def _score(self, images: torch.Tensor, prompts: list[str], **cond) -> torch.Tensor:
+        encoder = self.clip.encoder
+        texts = [c for p in prompts for c in self.candidates(p)]
+        image = encoder.encode_image(images)  # [B, D], unit norm
+        text = encoder.encode_text(texts).view(len(prompts), -1, image.shape[-1])  # [B, 1+N, D]
+        logits = encoder.model.logit_scale.exp() * torch.einsum("bd,bnd->bn", image, text)
+        return torch.log_softmax(logits, dim=-1)[:, 0]
+
+
+def shapes_clip_contrast(fields: str | Sequence[str] = ("colour", "kind", "size", "position"), negatives: int = 2,
+                         seed: int = 0, checkpoint: str | None = None) -> ShapesCaptionContrast:  # fmt: skip
+    """``rewards.load("shapes-clip-contrast", fields="colour")``: see :class:`ShapesCaptionContrast`."""
+    if isinstance(fields, str):
+        fields = tuple(f.strip() for f in fields.replace("+", ",").split(",") if f.strip())
+    return ShapesCaptionContrast(shapes_clip(checkpoint), fields, negatives, seed)

@@ -31,6 +31,7 @@ through the adapter's ``predict`` / ``step`` / ``pred_x0`` / ``decode``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -344,7 +345,7 @@ def encode(adapter: DiffusionAdapter, cfg: RewardBackpropConfig, prompts: list[s
         kwargs["negative_prompt"] = cfg.sampling.negative_prompt
     if adapter.is_edit:
         kwargs["image"] = source.to(adapter.device)
-        if adapter.family == "instruct-pix2pix":
+        if "image_guidance_scale" in inspect.signature(adapter.encode_prompt).parameters:  # IP2P-style models
             kwargs["image_guidance_scale"] = cfg.sampling.image_guidance_scale
     with torch.no_grad():
         return adapter.encode_prompt(prompts, **kwargs)

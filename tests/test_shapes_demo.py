@@ -1,0 +1,163 @@
+"""The demo, its samplers and rewards, the Shapes preference data, and the build of the shipped models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import imgalign  # noqa: F401  (registers the Shapes rewards)
+import pipelines
+import rewards
+from imgalign.cli import main
+from imgalign.evaluation import evaluate
+from imgalign.prompt_sets import prompt_set
+from imgalign.sampling import best_of_n_sample, run_sampler
+from imgalign.shapes import judge, parse_caption, render_batch, sample_scene
+from imgalign.shapes.manifest import WEIGHTS_DIR
+
+
+@pytest.fixture(scope="module")
+def shapes_adapter():
+    adapter = pipelines.load(str(WEIGHTS_DIR / "t2i"), dtype=torch.float32, device="cpu")
+    adapter.pipe.set_progress_bar_config(disable=True)
+    return adapter
+
+
+class MeanRedness(rewards.Reward):
+    """A toy reward whose ranking is known: the mean red channel minus the others."""
+
+    info = rewards.RewardInfo(name="redness", inputs=("images", "prompts"))
+
+    def _score(self, images, prompts, **cond):
+        return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+
+
+def test_heldout_prompt_halves_are_disjoint_and_cover_the_set():
+    evaluated, aligned = prompt_set("shapes-heldout-eval"), prompt_set("shapes-heldout-align")
+    assert len(evaluated) == 100 and len(aligned) == 200
+    assert not set(evaluated) & set(aligned)
+    assert evaluated + aligned == prompt_set("shapes-heldout")
+
+
+def test_best_of_n_picks_the_best_candidate_per_image_and_is_batch_independent(shapes_adapter):
+    prompts = prompt_set("shapes-heldout-eval")[:3]
+    reward = MeanRedness()
+    gens = lambda: [torch.Generator().manual_seed(7 + i) for i in range(3)]  # noqa: E731
+    common = dict(num_steps=3, guidance_scale=3.0)
+    images, scores = best_of_n_sample(shapes_adapter, prompts, reward=reward, n=3, generator=gens(), return_scores=True, **common)
+    assert images.shape == (3, 3, 32, 32) and scores.shape == (3, 3)
+    torch.testing.assert_close(reward.score(images, prompts), scores.max(dim=1).values, rtol=0, atol=1e-6)
+    alone = best_of_n_sample(shapes_adapter, prompts[1:2], reward=reward, n=3, generator=gens()[1:2], **common)
+    torch.testing.assert_close(alone[0], images[1], rtol=0, atol=1e-5)
+    via_run_sampler = run_sampler("best-of-n", shapes_adapter, prompts, reward=reward, n=3, generator=gens(), **common)
+    torch.testing.assert_close(via_run_sampler, images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs a reward"):
+        run_sampler("best-of-n", shapes_adapter, prompts, generator=gens(), **common)
+
+
+def test_caption_contrast_reward_negatives_change_only_the_targeted_attribute():
+    reward = rewards.load("shapes-clip-contrast", fields="colour", negatives=3)
+    prompt = prompt_set("shapes-heldout-eval")[0]
+    candidates = reward.candidates(prompt)
+    assert candidates == reward.candidates(prompt) and candidates[0] == prompt and len(candidates) == 4
+    true = parse_caption(prompt)
+    for text in candidates[1:]:
+        other = parse_caption(text)
+        changed = [(a, b) for a, b in zip(true.shapes, other.shapes) if a != b]
+        assert other.background == true.background and len(changed) == 1
+        (a, b) = changed[0]
+        assert (a.kind, a.size, a.position) == (b.kind, b.size, b.position) and a.colour != b.colour
+    with pytest.raises(ValueError, match="fields must be among"):
+        rewards.load("shapes-clip-contrast", fields="texture")
+
+
+def test_caption_contrast_reward_prefers_true_colours_and_is_differentiable():
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng, split="heldout") for _ in range(24)]
+    from imgalign.shapes import caption
+
+    prompts = [caption(s) for s in scenes]
+    images = torch.from_numpy(render_batch(scenes, 32, rng)).permute(0, 3, 1, 2).float() / 255
+    reward = rewards.load("shapes-clip-contrast", fields="colour", negatives=4)
+    log_p = reward.score(images, prompts)
+    assert (log_p <= 0).all()
+    assert log_p.exp().mean() > 0.6  # uniform over 5 candidates would be 0.2
+    x = images[:2].clone().requires_grad_(True)
+    reward.score(x, prompts[:2]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_evaluate_keeps_per_image_oracle_aspects(shapes_adapter):
+    prompts = prompt_set("shapes-heldout-eval")[:3]
+
+    def sample(batch, generators):
+        return shapes_adapter.sample(batch, num_steps=3, guidance_scale=3.0, generator=generators)
+
+    result = evaluate(sample, prompts, {"shapes-oracle": rewards.load("shapes-oracle")}, images_per_prompt=2, progress=False)
+    judgements = judge(result.images, [p for p in prompts for _ in range(2)])
+    exact = np.array([j.exact for j in judgements], dtype=float).reshape(3, 2).mean(1)
+    np.testing.assert_allclose(result.per_prompt("shapes-oracle/exact"), exact)
+    assert result.per_prompt("shapes-oracle/exact").mean() == pytest.approx(result.details["shapes-oracle/attributes"]["exact_rate"])
+    with pytest.raises(KeyError, match="no reward or judge aspect"):
+        result.per_prompt("shapes-oracle/texture")
+
+
+def test_simulated_raters_follow_the_utilities_with_noise_and_ties():
+    from imgalign.shapes.preference import simulated_label
+
+    rng = np.random.default_rng(0)
+    assert simulated_label(0.9, 0.1, rng, noise=0.0, tie=0.03) == "A"
+    assert simulated_label(0.1, 0.9, rng, noise=0.0, tie=0.03) == "B"
+    assert simulated_label(0.50, 0.51, rng, noise=0.0, tie=0.03) == "tie"
+    calls = [simulated_label(0.55, 0.5, rng, noise=0.05, tie=0.03) for _ in range(2000)]
+    share = {c: calls.count(c) / len(calls) for c in ("A", "B", "tie")}
+    assert share["A"] > share["B"] > 0.1 and share["tie"] > 0.1  # a close call is noisy, as with people
+
+
+def test_preference_data_loads_into_the_reward_trainer(tmp_path):
+    from imgalign.shapes.preference import make_preference_data
+    from rewards.training import DataConfig, load_pairs
+
+    prompts = prompt_set("shapes-train")[:3]
+    path = make_preference_data(tmp_path, prompts, samples_per_prompt=2, render_fraction=1.0, num_steps=3, seed=0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 3 * 3  # 2 samples + 1 render per prompt: 3 pairs each
+    for r in records:
+        assert set(r["labels"]) == {"prompt", "quality"} and r["label"] in ("A", "B", "tie")
+        assert set(r["utility_a"]) >= {"prompt", "quality", "overall", "colour", "shape"}
+    renders = [r for r in records if "render" in r["kinds"]]
+    assert all(r["utility_b" if r["kinds"][1] == "render" else "utility_a"]["overall"] == 1.0 for r in renders)
+    pairs = load_pairs(str(path), DataConfig(image_size=32), aspects=["prompt", "quality"])
+    assert len(pairs) == len(records) and pairs[0].image_a.shape == (3, 32, 32)
+
+
+def test_demo_rejects_methods_that_are_not_built_in_one_line(capsys):
+    assert main(["demo", "--algo", "grpo", "--out", "/tmp/unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available yet" in err[0]
+    assert main(["demo", "--algo", "magic", "--out", "/tmp/unused"]) == 2
+    assert "unknown --algo" in capsys.readouterr().err
+
+
+def test_demo_report_has_the_documented_fields(tmp_path):
+    from imgalign.shapes.demo import ORACLE_METRICS, run_demo
+
+    report = run_demo(tmp_path, algo="draft", num_prompts=2, images_per_prompt=1, sample_steps=3, train_steps=1,
+                      log=lambda _: None)  # fmt: skip
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved) == {"settings", "before", "methods", "seconds"}
+    assert saved["settings"]["prompt_set"] == "shapes-heldout-eval"
+    draft = saved["methods"]["draft"]
+    for metric in ORACLE_METRICS:
+        gain = draft["gains"][f"oracle/{metric}"]
+        assert set(gain) == {"before", "after", "gain", "ci95", "significant"}
+        assert gain["gain"] == pytest.approx(gain["after"] - gain["before"])
+    assert {"shapes-clip", "shapes-preference", "diversity"} <= set(draft["gains"])
+    assert len(draft["reward_curve"]) >= 1 and "reward_mean" in draft["reward_curve"][0]
+    for name in ("before.png", "after_draft.png", "reward_curve.png", "report.md"):
+        assert (tmp_path / name).is_file()
+    assert (tmp_path / "draft" / "config.yaml").is_file()

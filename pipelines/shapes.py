@@ -113,6 +113,10 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
             x = self.scheduler.step(out, t, x, return_dict=False)[0]
+        return self.output(x, output_type, return_dict)
+
+    def output(self, x: torch.Tensor, output_type: str, return_dict: bool):
+        """Samples in [-1, 1] -> the pipeline output: ``"pt"`` [B,3,H,W] in [0,1], ``"np"`` or ``"pil"``."""
         image = (x.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "np":
             image = image.permute(0, 2, 3, 1).cpu().numpy()

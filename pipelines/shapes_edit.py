@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .adapter import Conditioning
 from .flow import _as_list
@@ -122,14 +121,7 @@ class ShapesEditPipeline(ShapesPipeline):
                 out_text, out_image, out_uncond = out.chunk(3)
                 out = ip2p_guidance(out_text, out_image, out_uncond, guidance_scale, image_guidance_scale)
             x = self.scheduler.step(out, t, x, return_dict=False)[0]
-        images = (x.float() / 2 + 0.5).clamp(0, 1)
-        if output_type == "np":
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
-        elif output_type == "pil":
-            images = self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return self.output(x, output_type, return_dict)
 
 
 def _source_tensor(image) -> torch.Tensor:

@@ -71,14 +71,3 @@ def test_eval_command_is_deterministic_and_reports_oracle_attributes(tmp_path):
 def test_eval_command_rejects_unknown_prompt_sets(tmp_path, capsys):
     code = main(["eval", "--pipeline", "shapes", "--prompt-set", "coco", "--reward", "shapes-oracle", "--out", str(tmp_path)])
     assert code == 2 and "unknown prompt set" in capsys.readouterr().err
-
-
-def test_demo_reports_the_base_model_and_refuses_unbuilt_algorithms(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--num-prompts", "2", "--images-per-prompt", "2", "--steps", "2"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert {"shapes-oracle", "diversity", "shapes-oracle/attributes", "num_prompts"} <= set(report)
-    assert report["shapes-oracle/attributes"]["n"] == 4
-    assert (out / "base_grid.png").is_file()
-    assert main(["demo", "--out", str(out), "--algo", "grpo"]) == 2
-    assert "not available yet" in capsys.readouterr().err

@@ -161,3 +161,37 @@ def test_demo_report_has_the_documented_fields(tmp_path):
     for name in ("before.png", "after_draft.png", "reward_curve.png", "report.md"):
         assert (tmp_path / name).is_file()
     assert (tmp_path / "draft" / "config.yaml").is_file()
+
+
+def test_shapes_build_runs_every_stage_and_records_a_verifiable_manifest(tmp_path):
+    """``imgalign shapes build --quick``: the chain of stages (not the quality of its weights)."""
+    out = tmp_path / "weights"
+    assert main(["shapes", "build", "--out", str(out), "--quick"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["models"]) == {"t2i", "clip", "preference", "edit", "edit_reward"}
+    assert "accuracy_with_ties" in manifest["models"]["preference"]["metrics"]
+    assert "edit_applied" in manifest["models"]["edit"]["metrics"]
+    assert main(["shapes", "verify", "--out", str(out)]) == 0
+    assert pipelines.load(str(out / "edit"), dtype=torch.float32).is_edit
+    preference = rewards.load(str(out / "preference"))
+    images = torch.rand(2, 3, 32, 32)
+    assert preference(images, prompt_set("shapes-train")[:2]).shape == (2,)
+    (out / "clip" / "config.json").write_text("{}")
+    assert main(["shapes", "verify", "--out", str(out)]) == 1
+    assert main(["shapes", "build", "--out", str(out), "--only", "vae"]) == 2
+
+
+def test_the_colour_recipe_is_the_demo_default(tmp_path):
+    """recipes/shapes_colour_draft.yaml reruns the demo's default training exactly."""
+    from pathlib import Path
+
+    from imgalign.shapes.demo import ALGORITHMS, training_config
+    from imgalign.train.config import to_dict
+    from imgalign.train.reward_backprop import load_reward_backprop_config
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = to_dict(load_reward_backprop_config(root / "recipes" / "shapes_colour_draft.yaml", [f"output_dir={tmp_path}"]))
+    demo = to_dict(training_config(ALGORITHMS["draft"], tmp_path))
+    recipe["pipeline"] = str((root / recipe["pipeline"]).resolve())
+    recipe["validation"], demo["validation"] = None, None
+    assert recipe == demo

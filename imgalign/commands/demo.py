@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-steps", type=int, default=10, help="sampling steps, training and evaluation (default 10)")
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default: the method's)")
     parser.add_argument("--seed", type=int, default=1000, help="held-out seeds start here (default 1000)")
+    parser.add_argument("--reward", default=None,
+                        help="the reward the method optimises (default: shapes-clip-contrast on colour; "
+                             "e.g. shapes-preference, shapes-clip, or a trained reward's directory)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.train_steps is not None and args.train_steps < 1:
         raise CommandError("--train-steps must be >= 1")
     report = run_demo(args.out, algo=args.algo, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
-                      sample_steps=args.sample_steps, train_steps=args.train_steps, seed=args.seed)  # fmt: skip
+                      sample_steps=args.sample_steps, train_steps=args.train_steps, seed=args.seed,
+                      reward=args.reward)  # fmt: skip
     print()
     print((args.out / "report.md").read_text())
     pictures = ", ".join(sorted(p.name for p in args.out.glob("*.png")))

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..shapes.build import build
 
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
-    command = "imgalign " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["shapes"] else None
+    command = "imgalign shapes " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["shapes"] else None
     try:
         build(args.out, stages=stages, seed=args.seed, device=args.device, quick=args.quick, command=command)
     except ValueError as err:

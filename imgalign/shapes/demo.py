@@ -123,8 +123,12 @@ def _flatten(tree: dict, prefix: str = "") -> list[str]:
     return items
 
 
-def training_config(algo: Algorithm, out_dir: Path, *, max_steps: int | None = None, images_dir: Path | None = None):
-    """The :class:`RewardBackpropConfig` the demo trains with (written to ``config.yaml``)."""
+def training_config(algo: Algorithm, out_dir: Path, *, max_steps: int | None = None, images_dir: Path | None = None,
+                    reward: str | None = None):  # fmt: skip
+    """The :class:`RewardBackpropConfig` the demo trains with (written to ``config.yaml``).
+
+    ``reward``: another reward to optimise (a registered name or a trained reward's directory).
+    """
     from ..train.reward_backprop import load_reward_backprop_config
     from .manifest import WEIGHTS_DIR
 
@@ -132,6 +136,8 @@ def training_config(algo: Algorithm, out_dir: Path, *, max_steps: int | None = N
     tree = _merge(tree, {"pipeline": str(WEIGHTS_DIR / "t2i"), "output_dir": str(out_dir)})
     if max_steps is not None:
         tree = _merge(tree, {"train": {"max_steps": max_steps}})
+    if reward is not None:
+        tree = {**tree, "reward": reward, "reward_options": {}}
     if algo.train_method == "imagerefl":
         tree = _merge(tree, {"data": {"images": str(images_dir)}})
     return load_reward_backprop_config(None, _flatten(tree), algo.train_method)
@@ -239,12 +245,14 @@ def run_demo(
     sample_steps: int = 10,
     train_steps: int | None = None,
     seed: int = 1000,
+    reward: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate the base model, align it with ``algo`` (or every method for ``"compare"``), evaluate again.
 
     Writes ``report.json``, ``report.md``, ``before.png`` / ``after_<algo>.png`` (the same
     held-out prompts and seeds, two columns per prompt), ``reward_curve.png``; returns the report.
+    ``reward`` replaces the optimised reward (default: ShapesCLIP's caption contrast on colour).
     """
     import pipelines
     import rewards
@@ -273,9 +281,9 @@ def run_demo(
         return base
 
     prompts = prompt_set("shapes-heldout-eval")[:num_prompts]
-    train_reward = rewards.load(TRAIN_REWARD, **COMMON["reward_options"])
+    train_reward = rewards.load(reward) if reward else rewards.load(TRAIN_REWARD, **COMMON["reward_options"])
     judges = {"shapes-oracle": rewards.load("shapes-oracle"), train_reward.info.name: train_reward,
-              **{name: rewards.load(name) for name in OTHER_REWARDS}}  # fmt: skip
+              **{name: rewards.load(name) for name in OTHER_REWARDS if name != train_reward.info.name}}  # fmt: skip
     sampling = {"num_steps": sample_steps, "guidance_scale": 3.0}
 
     def evaluate_with(adapter, sampler: str, options: dict):
@@ -297,7 +305,7 @@ def run_demo(
         if method.train_method is not None:
             run_dir = out / name
             images_dir = write_real_images(out / "real_images") if method.train_method == "imagerefl" else None
-            cfg = training_config(method, run_dir, max_steps=train_steps, images_dir=images_dir)
+            cfg = training_config(method, run_dir, max_steps=train_steps, images_dir=images_dir, reward=reward)
             log(f"aligning with {name}: {method.summary}; {cfg.train.max_steps} steps of {cfg.train.batch_size} prompts")
             result = train(cfg)
             history, config_path = result.metrics, run_dir / "config.yaml"
@@ -311,7 +319,7 @@ def run_demo(
         save_grid(after.images[:64], out / f"after_{name}.png", ncols=8)
         runs.append(DemoRun(name, after, history, time.time() - t0, config_path))
     columns = {run.algo: gains(before, run.after, list(judges)) for run in runs}
-    plot_reward_curves(runs, out / "reward_curve.png")
+    plot_reward_curves(runs, out / "reward_curve.png", label=train_reward.info.name)
     table = gains_table(columns)
     report = {
         "settings": {"algo": algo, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt,

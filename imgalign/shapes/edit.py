@@ -23,12 +23,9 @@ with and the new rows are freshly initialised (unit variance, as in :mod:`imgali
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
-import math
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,50 +300,23 @@ def train_edit(
 ) -> Path:
     """Fine-tune from the T2I model (``init_from``; None trains from scratch) and save the EMA
     weights with ``save_pretrained`` (fp16 safetensors), written atomically."""
-    from tqdm.auto import tqdm
-
-    from imgalign.io import atomic_directory
+    from .t2i import fit_pipeline
 
     pipe = build_edit_pipeline(seed, init_from).to(device)
-    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    # Warm-up then cosine decay to 10% of the peak, as for the T2I model.
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: min(1.0, (k + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
-    )
-    ema_unet = copy.deepcopy(pipe.unet).requires_grad_(False)
-    ema_text = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     drop_rng = np.random.default_rng(seed)
-    start, running = time.time(), []
-    for step in (bar := tqdm(range(steps), desc="shapes edit", unit="step")):
+
+    def step_loss(step: int) -> torch.Tensor:
         examples = make_edit_dataset(batch_size, seed=seed * 1_000_003 + step)
         targets = to_model_space(examples.targets).to(device)
         sources = to_model_space(examples.sources).to(device)
         instructions, sources = drop_conditions(
             examples.instructions, sources, drop_rng, instruction_dropout, source_dropout, both_dropout
         )
-        loss = edit_flow_matching_loss(pipe, targets, sources, instructions, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_unet, pipe.unet), (ema_text, pipe.text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
-                    pe.lerp_(pl, 1 - decay)
-        running.append(loss.item())
-        if (step + 1) % log_every == 0:
-            bar.set_postfix(loss=f"{np.mean(running[-log_every:]):.4f}", min=f"{(time.time() - start) / 60:.1f}")
-    pipe.unet, pipe.text_encoder = ema_unet, ema_text
-    pipe.to("cpu", torch.float16)
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    return out_dir
+        return edit_flow_matching_loss(pipe, targets, sources, instructions, generator)
+
+    return fit_pipeline(pipe, step_loss, out_dir, steps=steps, lr=lr, ema_decay=ema_decay, log_every=log_every,
+                        desc="shapes edit")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- evaluation

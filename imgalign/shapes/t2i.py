@@ -108,38 +108,29 @@ def flow_matching_loss(pipe, images: torch.Tensor, captions: list[str], generato
     return torch.nn.functional.mse_loss(pred.float(), (noise - images).float())
 
 
-def train_t2i(
-    out_dir: str | Path,
-    *,
-    steps: int = 1200,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    seed: int = 0,
-    caption_dropout: float = 0.1,
-    ema_decay: float = 0.995,
-    log_every: int = 50,
-    device: str = "cpu",
-) -> Path:
-    """Train from scratch and save the EMA weights with ``save_pretrained`` (fp16 safetensors)."""
+def fit_pipeline(pipe, step_loss, out_dir: str | Path, *, steps: int, lr: float, ema_decay: float = 0.995,
+                 log_every: int = 50, desc: str = "shapes") -> Path:  # fmt: skip
+    """The training loop the Shapes generators share; saves the EMA weights atomically.
+
+    ``step_loss(step) -> loss`` draws that step's batch and returns its loss. AdamW on the UNet
+    and text encoder, linear warm-up then cosine decay to 10% of the peak, gradient clipping at
+    1, an EMA with warm-up (``min(decay, (1 + k) / (10 + k))``); the EMA weights are saved with
+    ``save_pretrained`` as fp16 safetensors.
+    """
     from tqdm.auto import tqdm
 
-    pipe = build_shapes_pipeline(seed).to(device)
+    from imgalign.io import atomic_directory
+
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    # Warm-up then cosine decay to 10% of the peak (the shipped weights were trained with this schedule).
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
     )
     ema_unet, ema_text = copy.deepcopy(pipe.unet).requires_grad_(False), copy.deepcopy(pipe.text_encoder).requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    drop_rng = np.random.default_rng(seed)
     start, running = time.time(), []
-    for step in (bar := tqdm(range(steps), desc="shapes t2i", unit="step")):
-        images, captions, _ = make_dataset(batch_size, seed=seed * 1_000_003 + step)
-        x0 = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
-        captions = [c if drop_rng.random() >= caption_dropout else "" for c in captions]
-        loss = flow_matching_loss(pipe, x0, captions, generator)
+    for step in (bar := tqdm(range(steps), desc=desc, unit="step")):
+        loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -156,11 +147,36 @@ def train_t2i(
     pipe.unet, pipe.text_encoder = ema_unet, ema_text
     pipe.to("cpu", torch.float16)
     out_dir = Path(out_dir)
-    from imgalign.io import atomic_directory
-
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out_dir
+
+
+def train_t2i(
+    out_dir: str | Path,
+    *,
+    steps: int = 1200,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    caption_dropout: float = 0.1,
+    ema_decay: float = 0.995,
+    log_every: int = 50,
+    device: str = "cpu",
+) -> Path:
+    """Train from scratch and save the EMA weights with ``save_pretrained`` (fp16 safetensors)."""
+    pipe = build_shapes_pipeline(seed).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    drop_rng = np.random.default_rng(seed)
+
+    def step_loss(step: int) -> torch.Tensor:
+        images, captions, _ = make_dataset(batch_size, seed=seed * 1_000_003 + step)
+        x0 = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
+        captions = [c if drop_rng.random() >= caption_dropout else "" for c in captions]
+        return flow_matching_loss(pipe, x0, captions, generator)
+
+    return fit_pipeline(pipe, step_loss, out_dir, steps=steps, lr=lr, ema_decay=ema_decay, log_every=log_every,
+                        desc="shapes t2i")  # fmt: skip
 
 
 def evaluate_t2i(pipe_dir: str | Path, *, n_prompts: int = 300, steps: int = 20, guidance: float = 3.0,

@@ -195,3 +195,15 @@ def test_the_colour_recipe_is_the_demo_default(tmp_path):
     recipe["pipeline"] = str((root / recipe["pipeline"]).resolve())
     recipe["validation"], demo["validation"] = None, None
     assert recipe == demo
+
+
+def test_edit_alignment_demo_trains_the_edit_model_and_judges_edits(tmp_path):
+    from imgalign.shapes.demo import EDIT_METRICS, run_demo
+
+    report = run_demo(tmp_path, algo="edit-refl", num_prompts=2, images_per_prompt=1, sample_steps=3, train_steps=1,
+                      log=lambda _: None)  # fmt: skip
+    run = report["methods"]["edit-refl"]
+    assert set(run["gains"]) == {*(f"oracle/{m}" for m in EDIT_METRICS), "shapes-edit-reward"}
+    assert set(report["before"]) == {f"shapes-oracle/{m}" for m in EDIT_METRICS}
+    assert all(0.0 <= v <= 1.0 for v in report["before"].values())
+    assert (tmp_path / "edit-refl" / "lora").is_dir() and (tmp_path / "edit_before_after.png").is_file()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .manifest import WEIGHTS_DIR
-from .t2i import MAX_TOKENS, TEXT_CONFIG, UNET_CONFIG, _words, caption_vocabulary
+from .t2i import SPECIAL_TOKENS, TEXT_CONFIG, UNET_CONFIG, _words, caption_vocabulary
 from .world import (
     _EDIT_TEMPLATES,
     _TO_POS,
@@ -50,7 +50,6 @@ from .world import (
 )
 
 T2I_DIR = WEIGHTS_DIR / "t2i"
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 # The resize edit's direction words (the grammar also accepts "bigger").
 RESIZE_WORDS = ("larger", "bigger", "smaller")
 # UNet input: noisy image (3), source image (3), pixel coordinates (2).
@@ -90,20 +89,9 @@ def edit_tokenizer():
     appended, so a caption gets the same ids from both (the T2I and ShapesCLIP weights depend
     on those ids).
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from .t2i import word_tokenizer
 
-    vocab = {token: i for i, token in enumerate(edit_vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    backend.normalizer = normalizers.Lowercase()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-        model_max_length=MAX_TOKENS,
-    )  # fmt: skip
+    return word_tokenizer(edit_vocabulary())
 
 
 # --------------------------------------------------------------------------- model

@@ -55,17 +55,20 @@ def _words(text: str) -> list[str]:
     return text.lower().replace(",", " , ").replace(".", " ").split()
 
 
-def shapes_tokenizer():
-    """A word-level tokenizer over the caption vocabulary, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+def word_tokenizer(tokens: list[str]):
+    """A word-level transformers fast tokenizer whose token ``i`` is ``tokens[i]`` (specials first).
+
+    Lower-cases, splits on whitespace and punctuation, wraps every text in ``<bos> ... <eos>``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    vocab = {tok: i for i, tok in enumerate(specials + caption_vocabulary())}
+    vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    from tokenizers import normalizers, processors
-
     backend.normalizer = normalizers.Lowercase()
     backend.post_processor = processors.TemplateProcessing(
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
@@ -74,6 +77,11 @@ def shapes_tokenizer():
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
         model_max_length=MAX_TOKENS,
     )  # fmt: skip
+
+
+def shapes_tokenizer():
+    """A word-level tokenizer over the caption vocabulary, as a transformers fast tokenizer."""
+    return word_tokenizer([*SPECIAL_TOKENS, *caption_vocabulary()])
 
 
 def build_shapes_pipeline(seed: int = 0):

@@ -110,10 +110,11 @@ def evaluate(
         scores[name] = values.float().cpu().numpy().reshape(len(prompts), k)
         if is_judge:
             judgements = reward.last_judgements
-            from imgalign.shapes.oracle import ATTRIBUTES, summarize
+            from imgalign.shapes.oracle import summarize
+            from imgalign.shapes.rewards import ASPECTS
 
             details[f"{name}/attributes"] = summarize(judgements)
-            for aspect in ("overall", "exact", "quality", *ATTRIBUTES):
+            for aspect in ASPECTS:
                 per_image = np.array([float(getattr(j, aspect)) for j in judgements])
                 aspects[f"{name}/{aspect}"] = per_image.reshape(len(prompts), k)
     diversity = np.array([pairwise_diversity(all_images[i * k : (i + 1) * k]) for i in range(len(prompts))])
@@ -124,9 +125,14 @@ def compare(before: EvalResult, after: EvalResult, reward: str, *, n_resamples: 
     """Gain after - before on the same prompts and seeds, with a paired bootstrap 95% interval."""
     if before.prompts != after.prompts or before.images_per_prompt != after.images_per_prompt:
         raise ValueError("compare needs the same prompts and images per prompt before and after")
-    diff = after.per_prompt(reward) - before.per_prompt(reward)
+    return paired_gain(before.per_prompt(reward), after.per_prompt(reward), n_resamples=n_resamples, seed=seed)
+
+
+def paired_gain(before: np.ndarray, after: np.ndarray, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean of per-prompt ``after - before`` with its paired bootstrap 95% interval."""
+    diff = np.asarray(after) - np.asarray(before)
     lo, hi = bootstrap_interval(diff, n_resamples=n_resamples, seed=seed)
-    return {"before": float(before.per_prompt(reward).mean()), "after": float(after.per_prompt(reward).mean()),
+    return {"before": float(np.asarray(before).mean()), "after": float(np.asarray(after).mean()),
             "gain": float(diff.mean()), "ci95": [lo, hi], "significant": bool(lo > 0 or hi < 0)}  # fmt: skip
 
 

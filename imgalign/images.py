@@ -25,10 +25,11 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
+def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
+    """Save float [3,H,W] in [0,1], or an already-quantised uint8 [H,W,3] array, as a PNG."""
     from PIL import Image
 
-    Image.fromarray(to_uint8(image)).save(path)
+    Image.fromarray(image if isinstance(image, np.ndarray) else to_uint8(image)).save(path)
 
 
 def save_grid(images: Sequence[torch.Tensor] | torch.Tensor, path: str | os.PathLike, ncols: int | None = None) -> None:

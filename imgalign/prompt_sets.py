@@ -11,8 +11,8 @@ from __future__ import annotations
 HELDOUT_EVAL_SIZE = 100
 
 PROMPT_SETS = {
-    "shapes-train": ("train", None),  # captions of the Shapes training split
-    "shapes-heldout": ("heldout", None),  # held-out colour/shape pairs, never seen in training
+    "shapes-train": ("train", slice(None)),  # captions of the Shapes training split
+    "shapes-heldout": ("heldout", slice(None)),  # held-out colour/shape pairs, never seen in training
     "shapes-heldout-eval": ("heldout", slice(0, HELDOUT_EVAL_SIZE)),
     "shapes-heldout-align": ("heldout", slice(HELDOUT_EVAL_SIZE, None)),
 }
@@ -25,5 +25,4 @@ def prompt_set(name: str) -> list[str]:
     from imgalign.shapes import prompt_set as shapes_prompt_set
 
     split, part = PROMPT_SETS[name]
-    prompts = shapes_prompt_set(split)
-    return prompts[part] if part is not None else prompts
+    return shapes_prompt_set(split)[part]

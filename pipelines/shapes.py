@@ -77,6 +77,11 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return latents.to(device=device, dtype=dtype)
         return randn_tensor((batch_size, num_channels, height, width), generator=generator, device=device, dtype=dtype)
 
+    def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
+        """``num_steps`` evenly spaced noise levels from 1 down to ``1 / num_steps`` (Euler on the flow)."""
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device)
+        return self.scheduler.timesteps
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The UNet's velocity at sigma = t / 1000, given pixel coordinates as extra channels."""
         coords = coordinate_channels(x.shape[0], x.shape[2], x.shape[3], x.device, x.dtype)
@@ -105,9 +110,7 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         pos, neg = self.encode_prompt(prompt, device, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
         text = torch.cat([neg, pos]) if do_cfg else pos
         x = self.prepare_latents(pos.shape[0], self.unet.config.out_channels, height, width, pos.dtype, device, generator)
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for t in self.progress_bar(self.set_timesteps(num_inference_steps, device)):
             out = self.velocity(torch.cat([x] * 2) if do_cfg else x, t, text)
             if do_cfg:
                 uncond, cond = out.chunk(2)
@@ -149,8 +152,7 @@ class ShapesAdapter(FlowAdapter):
         )
 
     def _set_timesteps(self, num_steps, height, width):
-        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=self.device)
-        return self.scheduler.timesteps
+        return self.pipe.set_timesteps(num_steps, self.device)
 
     def prepare_latents(self, batch_size, height, width, generator=None, dtype=None):
         return self.pipe.prepare_latents(

@@ -113,9 +113,7 @@ class ShapesEditPipeline(ShapesPipeline):
             sources = torch.cat([source, source, torch.zeros_like(source)])
         else:
             text, sources = pos, source
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for t in self.progress_bar(self.set_timesteps(num_inference_steps, device)):
             out = self.velocity(torch.cat([x] * 3) if do_cfg else x, t, text, sources)
             if do_cfg:
                 out_text, out_image, out_uncond = out.chunk(3)

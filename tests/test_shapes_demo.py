@@ -207,3 +207,10 @@ def test_edit_alignment_demo_trains_the_edit_model_and_judges_edits(tmp_path):
     assert set(report["before"]) == {f"shapes-oracle/{m}" for m in EDIT_METRICS}
     assert all(0.0 <= v <= 1.0 for v in report["before"].values())
     assert (tmp_path / "edit-refl" / "lora").is_dir() and (tmp_path / "edit_before_after.png").is_file()
+
+
+def test_the_cli_sampler_choices_are_the_samplers():
+    from imgalign.commands.sample import SAMPLER_CHOICES
+    from imgalign.sampling import SAMPLERS
+
+    assert SAMPLER_CHOICES == list(SAMPLERS)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import CommandError
-from .sample import add_best_of_n_arguments, sampler_options
+from .sample import SAMPLER_CHOICES, add_best_of_n_arguments, sampler_options
 
 HELP = "Evaluate a generator: K images per prompt, scored by rewards, with bootstrap intervals."
 
@@ -20,7 +20,7 @@ HELP = "Evaluate a generator: K images per prompt, scored by rewards, with boots
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="pipeline directory or hub id ('shapes' = the shipped Shapes model)")
     parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory")
-    parser.add_argument("--sampler", default="ode", choices=["ode", "combined", "aig", "best-of-n"])
+    parser.add_argument("--sampler", default="ode", choices=SAMPLER_CHOICES)
     parser.add_argument("--switch-step", type=int, default=None, help="combined: steps run by the base model")
     parser.add_argument("--aig-power", type=float, default=1.0)
     add_best_of_n_arguments(parser)

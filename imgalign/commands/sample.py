@@ -14,6 +14,8 @@ from pathlib import Path
 from . import CommandError
 
 HELP = "Generate images with a diffusers pipeline (PNG files, samples.jsonl, grid.png)."
+# imgalign.sampling.SAMPLERS, spelled out so that parsing arguments does not import torch.
+SAMPLER_CHOICES = ["ode", "combined", "aig", "best-of-n"]
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
@@ -34,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together (default 4)")
     parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory to load")
-    parser.add_argument("--sampler", default="ode", choices=["ode", "combined", "aig", "best-of-n"],
+    parser.add_argument("--sampler", default="ode", choices=SAMPLER_CHOICES,
                         help="ode: the pipeline's own loop; combined: base model for the first --switch-step "
                              "steps, then the LoRA; aig: s*base + (1-s)*tuned with s = 1-(i/T)^p (needs --lora); "
                              "best-of-n: the best of --best-of samples under --sampler-reward")

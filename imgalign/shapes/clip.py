@@ -171,20 +171,6 @@ def evaluate_shapes_clip(reward, n: int = 500, seed: int = 99) -> dict:
     return {"heldout_pair_accuracy": float((true > false).float().mean()), "margin": float((true - false).mean())}
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Train ShapesCLIP.")
-    parser.add_argument("--out", default="imgalign/shapes/weights/clip")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    out = train_shapes_clip(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device)
-    print(out, evaluate_shapes_clip(shapes_clip(str(out))))
-
-
 class ShapesCaptionContrast(Reward):
     """``log p(caption | image)`` against hard-negative captions, under ShapesCLIP.
 
@@ -202,7 +188,7 @@ class ShapesCaptionContrast(Reward):
     paraphrase template, so only the attributes differ between the candidates.
     """
 
-    def __init__(self, clip=None, fields: Sequence[str] = ("colour", "kind", "size", "position"), negatives: int = 2,
+    def __init__(self, clip=None, fields: Sequence[str] = tuple(ATTRIBUTE_CHOICES), negatives: int = 2,
                  seed: int = 0) -> None:  # fmt: skip
         super().__init__()
         unknown = [f for f in fields if f not in ATTRIBUTE_CHOICES]
@@ -241,9 +227,23 @@ class ShapesCaptionContrast(Reward):
         return torch.log_softmax(logits, dim=-1)[:, 0]
 
 
-def shapes_clip_contrast(fields: str | Sequence[str] = ("colour", "kind", "size", "position"), negatives: int = 2,
+def shapes_clip_contrast(fields: str | Sequence[str] = tuple(ATTRIBUTE_CHOICES), negatives: int = 2,
                          seed: int = 0, checkpoint: str | None = None) -> ShapesCaptionContrast:  # fmt: skip
     """``rewards.load("shapes-clip-contrast", fields="colour")``: see :class:`ShapesCaptionContrast`."""
     if isinstance(fields, str):
         fields = tuple(f.strip() for f in fields.replace("+", ",").split(",") if f.strip())
     return ShapesCaptionContrast(shapes_clip(checkpoint), fields, negatives, seed)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train ShapesCLIP.")
+    parser.add_argument("--out", default="imgalign/shapes/weights/clip")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    out = train_shapes_clip(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    print(out, evaluate_shapes_clip(shapes_clip(str(out))))

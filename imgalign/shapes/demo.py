@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,16 +145,11 @@ def training_config(algo: Algorithm, out_dir: Path, *, max_steps: int | None = N
 
 def write_real_images(folder: Path, n: int = 256, seed: int = 0) -> Path:
     """Rendered training-split scenes + captions (``metadata.jsonl``): ImageReFL's real images."""
-    from ..images import save_png
+    from ..train.data import write_image_folder
     from .world import make_dataset
 
-    folder.mkdir(parents=True, exist_ok=True)
     images, captions, _ = make_dataset(n, seed=seed)
-    with (folder / "metadata.jsonl").open("w") as meta:
-        for i, (image, text) in enumerate(zip(images, captions)):
-            save_png(torch.from_numpy(image).permute(2, 0, 1).float() / 255, folder / f"{i:04d}.png")
-            meta.write(json.dumps({"file_name": f"{i:04d}.png", "text": text}) + "\n")
-    return folder
+    return write_image_folder(folder, images, captions)
 
 
 @dataclass
@@ -168,23 +163,29 @@ class DemoRun:
     config_path: Path | None = None
 
 
-def gains(before, after, reward_names: list[str]) -> dict[str, dict[str, float]]:
-    """Paired gains with bootstrap intervals: oracle aspects, then the rewards."""
+def gains(before, after, metrics: Sequence[str], reward_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Paired gains with bootstrap intervals: the oracle's ``metrics``, then the learned rewards."""
     from ..evaluation import compare
 
-    out = {}
-    for metric in ORACLE_METRICS:
-        out[f"oracle/{metric}"] = compare(before, after, f"shapes-oracle/{metric}")
-    for name in reward_names:
-        if name != "shapes-oracle":
-            out[name] = compare(before, after, name)
-    diversity_gain = after.diversity - before.diversity
-    from ..evaluation import bootstrap_interval
-
-    out["diversity"] = {"before": float(before.diversity.mean()), "after": float(after.diversity.mean()),
-                        "gain": float(diversity_gain.mean()), "ci95": list(bootstrap_interval(diversity_gain))}  # fmt: skip
-    out["diversity"]["significant"] = bool(out["diversity"]["ci95"][0] > 0 or out["diversity"]["ci95"][1] < 0)
+    out = {f"oracle/{metric}": compare(before, after, f"shapes-oracle/{metric}") for metric in metrics}
+    out.update({name: compare(before, after, name) for name in reward_names if name != "shapes-oracle"})
     return out
+
+
+def load_shipped_pipeline(model: str):
+    """A shipped Shapes pipeline (``t2i`` or ``edit``) in fp32 on the CPU, progress bars off."""
+    import pipelines
+
+    from .manifest import WEIGHTS_DIR
+
+    adapter = pipelines.load(str(WEIGHTS_DIR / model), dtype=torch.float32, device="cpu")
+    adapter.pipe.set_progress_bar_config(disable=True)
+    return adapter
+
+
+def write_report(out: Path, report: dict, table: str) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(table + "\n")
 
 
 def gains_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -257,12 +258,11 @@ def run_demo(
     import pipelines
     import rewards
 
-    from ..evaluation import evaluate
+    from ..evaluation import evaluate, paired_gain
     from ..images import save_grid
+    from ..prompt_sets import prompt_set
     from ..sampling import run_sampler
     from ..train.reward_backprop import train
-    from .manifest import WEIGHTS_DIR
-    from ..prompt_sets import prompt_set
 
     if algo == EDIT_ALGORITHM.name:
         return run_edit_demo(out, num_sources=num_prompts, images_per_source=images_per_prompt, sample_steps=sample_steps,
@@ -274,12 +274,6 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.manual_seed(0)
-
-    def load_base():
-        base = pipelines.load(str(WEIGHTS_DIR / "t2i"), dtype=torch.float32, device="cpu")
-        base.pipe.set_progress_bar_config(disable=True)
-        return base
-
     prompts = prompt_set("shapes-heldout-eval")[:num_prompts]
     train_reward = rewards.load(reward) if reward else rewards.load(TRAIN_REWARD, **COMMON["reward_options"])
     judges = {"shapes-oracle": rewards.load("shapes-oracle"), train_reward.info.name: train_reward,
@@ -294,14 +288,14 @@ def run_demo(
 
     log(f"evaluating the base Shapes model: {len(prompts)} held-out prompts x {images_per_prompt} seeds, "
         f"{sample_steps} steps, judged by the oracle and {', '.join(list(judges)[1:])}")  # fmt: skip
-    before = evaluate_with(load_base(), "ode", {})
+    before = evaluate_with(load_shipped_pipeline("t2i"), "ode", {})
     save_grid(before.images[:64], out / "before.png", ncols=8)
     runs: list[DemoRun] = []
     for name in names:
         method = ALGORITHMS[name]
         t0 = time.time()
         history, config_path = [], None
-        adapter = load_base()
+        adapter = load_shipped_pipeline("t2i")
         if method.train_method is not None:
             run_dir = out / name
             images_dir = write_real_images(out / "real_images") if method.train_method == "imagerefl" else None
@@ -318,7 +312,8 @@ def run_demo(
         after = evaluate_with(adapter, method.sampler, options)
         save_grid(after.images[:64], out / f"after_{name}.png", ncols=8)
         runs.append(DemoRun(name, after, history, time.time() - t0, config_path))
-    columns = {run.algo: gains(before, run.after, list(judges)) for run in runs}
+    columns = {run.algo: {**gains(before, run.after, ORACLE_METRICS, list(judges)),
+                          "diversity": paired_gain(before.diversity, run.after.diversity)} for run in runs}  # fmt: skip
     plot_reward_curves(runs, out / "reward_curve.png", label=train_reward.info.name)
     table = gains_table(columns)
     report = {
@@ -333,8 +328,7 @@ def run_demo(
                     for run in runs},
         "seconds": round(time.time() - start, 1),
     }  # fmt: skip
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(table + "\n")
+    write_report(out, report, table)
     return report
 
 
@@ -390,11 +384,9 @@ def run_edit_demo(out: Path, *, num_sources: int = 48, images_per_source: int = 
     import pipelines
     import rewards
 
-    from ..evaluation import compare
     from ..images import save_grid
     from ..train.reward_backprop import train
     from .edit import make_edit_dataset, write_edit_sources
-    from .manifest import WEIGHTS_DIR
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,43 +394,36 @@ def run_edit_demo(out: Path, *, num_sources: int = 48, images_per_source: int = 
     reward = rewards.load("shapes-edit-reward")
     examples = make_edit_dataset(num_sources, seed, split="heldout")
 
-    def load_edit_model():
-        adapter = pipelines.load(str(WEIGHTS_DIR / "edit"), dtype=torch.float32, device="cpu")
-        adapter.pipe.set_progress_bar_config(disable=True)
-        return adapter
-
     common = {"images_per_source": images_per_source, "seed": seed, "sample_steps": sample_steps}
     log(f"evaluating the Shapes edit model: {num_sources} held-out sources x {images_per_source} seeds, "
         f"judged by the oracle's edit judgement and shapes-edit-reward")  # fmt: skip
-    before = evaluate_edits(load_edit_model(), examples, reward, **common)
+    before = evaluate_edits(load_shipped_pipeline("edit"), examples, reward, **common)
     sources = write_edit_sources(out / "edit_sources", n=256, seed=0, split="train")
     cfg = edit_training_config(out / EDIT_ALGORITHM.name, sources, max_steps=train_steps)
     log(f"aligning with {EDIT_ALGORITHM.name}: {EDIT_ALGORITHM.summary}; {cfg.train.max_steps} steps")
     t0 = time.time()
     result = train(cfg)
-    adapter = load_edit_model()
+    adapter = load_shipped_pipeline("edit")
     pipelines.load_lora(adapter, result.weights_dir)
     after = evaluate_edits(adapter, examples, reward, **common)
-    gains = {f"oracle/{m}": compare(before, after, f"shapes-oracle/{m}") for m in EDIT_METRICS}
-    gains[reward.info.name] = compare(before, after, reward.info.name)
+    edit_gains = gains(before, after, EDIT_METRICS, [reward.info.name])
     sources_tensor = torch.from_numpy(examples.sources[:16]).permute(0, 3, 1, 2).float() / 255
     k = images_per_source
     rows = torch.stack([sources_tensor, before.images[::k][:16], after.images[::k][:16]], dim=1).flatten(0, 1)
     save_grid(rows, out / "edit_before_after.png", ncols=6)
     run = DemoRun(EDIT_ALGORITHM.name, after, result.metrics, time.time() - t0, out / EDIT_ALGORITHM.name / "config.yaml")
     plot_reward_curves([run], out / "reward_curve.png", label="shapes-edit-reward")
-    table = gains_table({EDIT_ALGORITHM.name: gains})
+    table = gains_table({EDIT_ALGORITHM.name: edit_gains})
     report = {
         "settings": {"algo": EDIT_ALGORITHM.name, "num_sources": num_sources, "images_per_source": k,
                      "sample_steps": sample_steps, "seed": seed, "sources": "heldout split", "train_sources": "train split",
                      "train_reward": reward.info.name},
         "before": before.details["shapes-oracle/edit"],
-        "methods": {EDIT_ALGORITHM.name: {"summary": EDIT_ALGORITHM.summary, "gains": gains,
+        "methods": {EDIT_ALGORITHM.name: {"summary": EDIT_ALGORITHM.summary, "gains": edit_gains,
                                           "after": after.details["shapes-oracle/edit"], "seconds": round(run.seconds, 1),
                                           "reward_curve": [h for h in result.metrics if "reward_mean" in h],
                                           "config": str(run.config_path)}},
         "seconds": round(time.time() - start, 1),
     }  # fmt: skip
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(table + "\n")
+    write_report(out, report, table)
     return report

@@ -24,7 +24,6 @@ with and the new rows are freshly initialised (unit variance, as in :mod:`imgali
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,17 +205,11 @@ def write_edit_sources(folder: str | Path, n: int = 256, seed: int = 0, split: s
     The layout ``imgalign train`` reads for edit models (``data.images``); each line also keeps
     the source caption, which :func:`imgalign.shapes.oracle.judge_edit` needs to judge a result.
     """
-    from PIL import Image
+    from ..train.data import write_image_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     examples = make_edit_dataset(n, seed, split=split)
-    with (folder / "metadata.jsonl").open("w") as meta:
-        for i, (source, instruction, scene) in enumerate(zip(examples.sources, examples.instructions,
-                                                             examples.source_scenes, strict=True)):  # fmt: skip
-            Image.fromarray(source).save(folder / f"{i:04d}.png")
-            meta.write(json.dumps({"file_name": f"{i:04d}.png", "text": instruction, "source_caption": caption(scene)}) + "\n")
-    return folder
+    extra = [{"source_caption": caption(scene)} for scene in examples.source_scenes]
+    return write_image_folder(folder, examples.sources, examples.instructions, extra)
 
 
 def edit_operation(source: Scene, target: Scene) -> str:

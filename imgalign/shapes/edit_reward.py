@@ -26,7 +26,7 @@ when the noisy utilities are closer than a threshold.
 
 from __future__ import annotations
 
-import json
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -139,15 +139,9 @@ def shapes_edit_reward(checkpoint: str | None = None, clip: str | None = None, s
 
 def shipped_edit_reward(checkpoint: str | None = None) -> Reward:
     """The trained, shipped edit reward (``rewards.load("shapes-edit-reward")``)."""
-    import dataclasses
+    from .rewards import load_shipped_reward
 
-    import rewards
-
-    from .manifest import WEIGHTS_DIR
-
-    reward = rewards.load(str(Path(checkpoint) if checkpoint else WEIGHTS_DIR / "edit_reward"))
-    reward.info = dataclasses.replace(reward.info, name="shapes-edit-reward")
-    return reward
+    return load_shipped_reward("edit_reward", "shapes-edit-reward", checkpoint)
 
 
 # --------------------------------------------------------------------------- preference data
@@ -178,9 +172,9 @@ def make_edit_preference_data(
     """
     from tqdm.auto import tqdm
 
-    from ..images import to_uint8
+    from ..images import save_png, to_uint8
     from .oracle import judge_edit
-    from .preference import simulated_label
+    from .preference import simulated_label, write_pairs
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -215,27 +209,22 @@ def make_edit_preference_data(
     for i in tqdm(range(n), desc="edit preference pairs", unit="source"):
         instruction, scene = examples.instructions[i], examples.source_scenes[i]
         source_name = f"images/{i:05d}_source.png"
-        _save_uint8(examples.sources[i], out / source_name)
+        save_png(examples.sources[i], out / source_name)
         judged = []
         for kind, image in candidates[i]:
             name = source_name if kind == "unchanged" else f"images/{i:05d}_{kind}.png"
             if kind != "unchanged":
-                _save_uint8(image, out / name)
+                save_png(image, out / name)
             judgement = judge_edit(examples.sources[i], instruction, image, scene)
             judged.append((name, kind, float(judgement.overall)))
-        for a in range(len(judged)):
-            for b in range(a + 1, len(judged)):
-                first, second = (judged[a], judged[b]) if rng.random() < 0.5 else (judged[b], judged[a])
-                records.append({
-                    "prompt": instruction, "image_a": first[0], "image_b": second[0], "source_image": source_name,
-                    "label": simulated_label(first[2], second[2], rng, noise, tie), "kinds": [first[1], second[1]],
-                    "utility_a": first[2], "utility_b": second[2], "source_caption": caption(scene),
-                })  # fmt: skip
-    path = out / "pairs.jsonl"
-    with path.open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    return path
+        for a, b in itertools.combinations(judged, 2):
+            first, second = (a, b) if rng.random() < 0.5 else (b, a)
+            records.append({
+                "prompt": instruction, "image_a": first[0], "image_b": second[0], "source_image": source_name,
+                "label": simulated_label(first[2], second[2], rng, noise, tie), "kinds": [first[1], second[1]],
+                "utility_a": first[2], "utility_b": second[2], "source_caption": caption(scene),
+            })  # fmt: skip
+    return write_pairs(out / "pairs.jsonl", records)
 
 
 def _other_edit(scene: Scene, target: Scene, rng: np.random.Generator, split: str) -> Scene:
@@ -245,12 +234,6 @@ def _other_edit(scene: Scene, target: Scene, rng: np.random.Generator, split: st
         if other != target:
             return other
     raise RuntimeError(f"no second edit found for {scene}")  # pragma: no cover
-
-
-def _save_uint8(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(image).save(path)
 
 
 def training_config(train: str, val: str | None, out_dir: str, *, steps: int = 600, seed: int = 0,

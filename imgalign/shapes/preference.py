@@ -23,6 +23,7 @@ with ``rewards.load("shapes-preference")``.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -97,24 +98,25 @@ def make_preference_data(
                 candidates[i].append((rendered, "render"))
         flat = [(i, img, kind) for i, cands in enumerate(candidates) for img, kind in cands]
         judgements = judge(torch.stack([img for _, img, _ in flat]), [chunk[i] for i, _, _ in flat])
-        names = []
+        judged: list[list[tuple[str, str, dict]]] = [[] for _ in chunk]  # per prompt: (file, kind, utilities)
         for n, ((i, img, kind), j) in enumerate(zip(flat, judgements)):
             name = f"images/{start + i:05d}_{n:03d}.png"
             save_png(img, out / name)
-            names.append((i, name, kind, utilities(j)))
-        for i, prompt in enumerate(chunk):
-            mine = [entry for entry in names if entry[0] == i]
-            for a in range(len(mine)):
-                for b in range(a + 1, len(mine)):
-                    (_, name_a, kind_a, u_a), (_, name_b, kind_b, u_b) = mine[a], mine[b]
-                    labels = {asp: simulated_label(u_a[asp], u_b[asp], rng, noise, tie) for asp in ASPECTS}
-                    mean_a, mean_b = (np.mean([u[a] for a in ASPECTS]) for u in (u_a, u_b))
-                    records.append({
-                        "prompt": prompt, "image_a": name_a, "image_b": name_b,
-                        "label": simulated_label(mean_a, mean_b, rng, noise, tie), "labels": labels,
-                        "kinds": [kind_a, kind_b], "utility_a": u_a, "utility_b": u_b,
-                    })  # fmt: skip
-    path = out / "pairs.jsonl"
+            judged[i].append((name, kind, utilities(j)))
+        for prompt, mine in zip(chunk, judged):
+            for (name_a, kind_a, u_a), (name_b, kind_b, u_b) in itertools.combinations(mine, 2):
+                labels = {asp: simulated_label(u_a[asp], u_b[asp], rng, noise, tie) for asp in ASPECTS}
+                mean_a, mean_b = (np.mean([u[a] for a in ASPECTS]) for u in (u_a, u_b))
+                records.append({
+                    "prompt": prompt, "image_a": name_a, "image_b": name_b,
+                    "label": simulated_label(mean_a, mean_b, rng, noise, tie), "labels": labels,
+                    "kinds": [kind_a, kind_b], "utility_a": u_a, "utility_b": u_b,
+                })  # fmt: skip
+    return write_pairs(out / "pairs.jsonl", records)
+
+
+def write_pairs(path: Path, records: list[dict]) -> Path:
+    """Preference records as JSON lines (the format ``imgalign train-reward`` reads)."""
     with path.open("w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
@@ -143,12 +145,6 @@ def training_config(train: str, val: str | None, out_dir: str, *, steps: int = 6
 
 def shapes_preference(checkpoint: str | None = None):
     """The shipped Shapes preference reward (``rewards.load("shapes-preference")``)."""
-    import rewards
+    from .rewards import load_shipped_reward
 
-    from .manifest import WEIGHTS_DIR
-
-    import dataclasses
-
-    reward = rewards.load(str(Path(checkpoint) if checkpoint else WEIGHTS_DIR / "preference"))
-    reward.info = dataclasses.replace(reward.info, name="shapes-preference")
-    return reward
+    return load_shipped_reward("preference", "shapes-preference", checkpoint)

@@ -7,6 +7,8 @@ non-differentiable rewards can use it).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from rewards import Reward, RewardInfo
 
@@ -40,3 +42,17 @@ class ShapesOracleReward(Reward):
 
 def shapes_oracle(aspect: str = "overall") -> ShapesOracleReward:
     return ShapesOracleReward(aspect)
+
+
+def load_shipped_reward(model: str, name: str, checkpoint: str | None = None) -> Reward:
+    """A reward trained with ``train-reward`` and shipped in ``weights/<model>`` (or ``checkpoint``),
+    under its registered ``name``."""
+    import dataclasses
+
+    import rewards
+
+    from .manifest import WEIGHTS_DIR
+
+    reward = rewards.load(str(Path(checkpoint) if checkpoint else WEIGHTS_DIR / model))
+    reward.info = dataclasses.replace(reward.info, name=name)
+    return reward

@@ -84,6 +84,22 @@ def read_image_folder(folder: str | Path) -> list[ImageCaption]:
     return items
 
 
+def write_image_folder(folder: str | Path, images: Sequence, texts: Sequence[str],
+                       extra: Sequence[dict] | None = None) -> Path:  # fmt: skip
+    """Write the ``metadata.jsonl`` layout :func:`read_image_folder` reads: ``0000.png``, ... and
+    one ``{"file_name", "text", **extra[i]}`` line per image (float [3,H,W] or uint8 [H,W,3])."""
+    from imgalign.images import save_png
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = extra or [{} for _ in texts]
+    with (folder / "metadata.jsonl").open("w") as meta:
+        for i, (image, text, more) in enumerate(zip(images, texts, extra, strict=True)):
+            save_png(image, folder / f"{i:04d}.png")
+            meta.write(json.dumps({"file_name": f"{i:04d}.png", "text": text, **more}) + "\n")
+    return folder
+
+
 def load_resized(path: Path, height: int, width: int) -> torch.Tensor:
     """An image as float [3,H,W] in [0,1], resized (shorter side) and center-cropped."""
     from PIL import Image

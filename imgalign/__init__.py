@@ -15,6 +15,7 @@ def _register_rewards() -> None:
     rewards.register("shapes-oracle", "imgalign.shapes.rewards:shapes_oracle", overwrite=True)
     rewards.register("shapes-clip", "imgalign.shapes.clip:shapes_clip", overwrite=True)
     rewards.register("shapes-clip-contrast", "imgalign.shapes.clip:shapes_clip_contrast", overwrite=True)
+    rewards.register("shapes-verifier", "imgalign.shapes.verifier:shapes_verifier", overwrite=True)
     rewards.register("shapes-preference", "imgalign.shapes.preference:shapes_preference", overwrite=True)
     rewards.register("shapes-edit-reward-base", "imgalign.shapes.edit_reward:shapes_edit_reward", overwrite=True)
     rewards.register("shapes-edit-reward", "imgalign.shapes.edit_reward:shipped_edit_reward", overwrite=True)

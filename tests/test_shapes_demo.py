@@ -163,12 +163,27 @@ def test_demo_report_has_the_documented_fields(tmp_path):
     assert (tmp_path / "draft" / "config.yaml").is_file()
 
 
+def test_default_demo_is_best_of_n_with_its_curve(tmp_path):
+    from imgalign.shapes.demo import DEFAULT_ALGORITHM, run_demo
+
+    assert DEFAULT_ALGORITHM == "best-of-n"
+    report = run_demo(tmp_path, num_prompts=2, images_per_prompt=2, sample_steps=3, log=lambda _: None)
+    method = report["methods"]["best-of-n"]
+    assert report["settings"]["train_reward"] == "shapes-verifier"
+    curve = method["best_of_n_curve"]
+    assert curve["n"] == [1.0, 2.0, 4.0, 8.0] and len(curve["oracle/colour"]) == 4
+    # the last point of the curve is the evaluated pick itself
+    assert curve["oracle/colour"][-1] == pytest.approx(method["gains"]["oracle/colour"]["after"])
+    assert (tmp_path / "reward_curve.png").is_file() and (tmp_path / "after_best-of-n.png").is_file()
+
+
 def test_shapes_build_runs_every_stage_and_records_a_verifiable_manifest(tmp_path):
     """``imgalign shapes build --quick``: the chain of stages (not the quality of its weights)."""
     out = tmp_path / "weights"
     assert main(["shapes", "build", "--out", str(out), "--quick"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["models"]) == {"t2i", "clip", "preference", "edit", "edit_reward"}
+    assert set(manifest["models"]) == {"t2i", "clip", "verifier", "preference", "edit", "edit_reward"}
+    assert "within_prompt_agreement_colour" in manifest["models"]["verifier"]["metrics"]
     assert "accuracy_with_ties" in manifest["models"]["preference"]["metrics"]
     assert "edit_applied" in manifest["models"]["edit"]["metrics"]
     assert main(["shapes", "verify", "--out", str(out)]) == 0
@@ -181,8 +196,8 @@ def test_shapes_build_runs_every_stage_and_records_a_verifiable_manifest(tmp_pat
     assert main(["shapes", "build", "--out", str(out), "--only", "vae"]) == 2
 
 
-def test_the_colour_recipe_is_the_demo_default(tmp_path):
-    """recipes/shapes_colour_draft.yaml reruns the demo's default training exactly."""
+def test_the_draft_recipe_is_the_demo_draft_run(tmp_path):
+    """recipes/shapes_verifier_draft.yaml reruns the demo's DRaFT training exactly."""
     from pathlib import Path
 
     from imgalign.shapes.demo import ALGORITHMS, training_config
@@ -190,7 +205,7 @@ def test_the_colour_recipe_is_the_demo_default(tmp_path):
     from imgalign.train.reward_backprop import load_reward_backprop_config
 
     root = Path(__file__).resolve().parents[1]
-    recipe = to_dict(load_reward_backprop_config(root / "recipes" / "shapes_colour_draft.yaml", [f"output_dir={tmp_path}"]))
+    recipe = to_dict(load_reward_backprop_config(root / "recipes" / "shapes_verifier_draft.yaml", [f"output_dir={tmp_path}"]))
     demo = to_dict(training_config(ALGORITHMS["draft"], tmp_path))
     recipe["pipeline"] = str((root / recipe["pipeline"]).resolve())
     recipe["validation"], demo["validation"] = None, None

@@ -332,7 +332,7 @@ RECIPE_FAMILIES = {
 }
 
 
-SHAPES_RECIPES = ("shapes_colour_draft.yaml",)  # run on the shipped Shapes weights, no stand-ins needed
+SHAPES_RECIPES = ("shapes_verifier_draft.yaml",)  # run on the shipped Shapes weights, no stand-ins needed
 
 
 def test_every_recipe_is_covered():

@@ -1,9 +1,10 @@
 """``imgalign demo``: the main job, on a CPU with nothing downloaded.
 
 Evaluates the shipped Shapes text-to-image model on held-out prompts and seeds (colour/shape
-pairs never seen in training) with the exact oracle and the learned Shapes preference
-reward, aligns it (default: DRaFT-K on a learned ShapesCLIP reward, LoRA), evaluates again
-and prints the paired gains with bootstrap intervals. ``--algo compare`` runs every available
+pairs never seen in training) with the exact oracle and the learned Shapes rewards, aligns
+it (default: best-of-8 under the learned per-object verifier; ``--algo draft`` and the other
+reward-gradient methods train a LoRA on the same reward), evaluates again and prints the
+paired gains with bootstrap intervals. ``--algo compare`` runs every available
 text-to-image method at the same budget; ``--algo edit-refl`` aligns the Shapes edit model
 with the learned edit reward. See :mod:`imgalign.shapes.demo`.
 """
@@ -28,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default: the method's)")
     parser.add_argument("--seed", type=int, default=1000, help="held-out seeds start here (default 1000)")
     parser.add_argument("--reward", default=None,
-                        help="the reward the method optimises (default: shapes-clip-contrast on colour; "
-                             "e.g. shapes-preference, shapes-clip, or a trained reward's directory)")
+                        help="the reward the method optimises or selects by (default: shapes-verifier; "
+                             "e.g. shapes-preference, shapes-clip-contrast, or a trained reward's directory)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,20 +16,20 @@ from typing import Any
 import torch
 
 
-def best_of_n_sample(
+def best_of_n_candidates(
     adapter: Any,
     prompts: str | Sequence[str],
     *,
     reward: Any,
     n: int = 4,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    return_scores: bool = False,
     **common: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Images [B,3,H,W]: for each prompt the best of ``n`` samples under ``reward``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All candidates ``[B, n, 3, H, W]`` and their scores ``[B, n]`` under ``reward``.
 
-    ``common`` goes to ``adapter.sample`` (``num_steps``, ``guidance_scale``, ``height``, ...).
-    With ``return_scores`` also returns the candidates' scores ``[B, n]``.
+    The first ``m`` candidates of image ``i`` are the ones best-of-``m`` would draw, so one call
+    gives the whole best-of-N curve (reward and truth against N; Gao et al. 2023 measure
+    reward over-optimisation this way).
     """
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
@@ -56,6 +56,25 @@ def best_of_n_sample(
     with torch.no_grad():
         flat = stacked.flatten(0, 1)
         scores = reward.score_batched(flat, [p for p in prompts for _ in range(n)]).float().view(batch, n)
+    return stacked, scores
+
+
+def best_of_n_sample(
+    adapter: Any,
+    prompts: str | Sequence[str],
+    *,
+    reward: Any,
+    n: int = 4,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    return_scores: bool = False,
+    **common: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Images [B,3,H,W]: for each prompt the best of ``n`` samples under ``reward``.
+
+    ``common`` goes to ``adapter.sample`` (``num_steps``, ``guidance_scale``, ``height``, ...).
+    With ``return_scores`` also returns the candidates' scores ``[B, n]``.
+    """
+    stacked, scores = best_of_n_candidates(adapter, prompts, reward=reward, n=n, generator=generator, **common)
     best = scores.argmax(dim=1)
-    images = stacked[torch.arange(batch), best.to(stacked.device)]
+    images = stacked[torch.arange(len(stacked)), best.to(stacked.device)]
     return (images, scores) if return_scores else images

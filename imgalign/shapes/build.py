@@ -5,15 +5,17 @@ file, the command, and the stage's held-out metrics):
 
 1. ``t2i``: the text-to-image model (:mod:`imgalign.shapes.t2i`);
 2. ``clip``: ShapesCLIP (:mod:`imgalign.shapes.clip`);
-3. ``preference``: pairs of T2I samples judged by simulated raters, then the two-aspect
+3. ``verifier``: T2I samples read by the oracle plus rendered scenes, then the per-object
+   verifier reward (:mod:`imgalign.shapes.verifier`);
+4. ``preference``: pairs of T2I samples judged by simulated raters, then the two-aspect
    preference reward (:mod:`imgalign.shapes.preference`);
-4. ``edit``: the instruction-edit model, initialised from the T2I model (:mod:`imgalign.shapes.edit`);
-5. ``edit-reward``: edit preference pairs (renders and edit-model samples), then the edit
+5. ``edit``: the instruction-edit model, initialised from the T2I model (:mod:`imgalign.shapes.edit`);
+6. ``edit-reward``: edit preference pairs (renders and edit-model samples), then the edit
    reward (:mod:`imgalign.shapes.edit_reward`).
 
 Later stages use the models the earlier ones wrote to the same output directory. On 2 CPU
-cores the whole build takes about an hour (t2i about 30 min, clip 12, preference 8, edit 17,
-edit reward 5); ``--device cuda`` makes the first two minutes long. ``quick=True`` runs every
+cores the whole build takes about 80 minutes (t2i about 30 min, clip 12, verifier 20,
+preference 8, edit 17, edit reward 5); ``--device cuda`` makes the first two minutes long. ``quick=True`` runs every
 stage with a handful of steps (a smoke test of the pipeline of stages, not usable weights).
 """
 
@@ -27,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("t2i", "clip", "preference", "edit", "edit-reward")
+STAGES = ("t2i", "clip", "verifier", "preference", "edit", "edit-reward")
 
 
 @dataclass
@@ -91,6 +93,15 @@ def build_clip(s: BuildSettings, log) -> dict:
     return evaluate_shapes_clip(shapes_clip(str(s.out / "clip")), n=s.count(500, 8))
 
 
+def build_verifier(s: BuildSettings, log) -> dict:
+    from .verifier import evaluate_verifier, sample_pool, train_verifier, verifier_pool_prompts
+
+    prompts = verifier_pool_prompts()
+    images, objects = sample_pool(prompts[: s.count(len(prompts), 8)], seed=s.seed, pipeline_dir=s.out / "t2i")
+    train_verifier(s.out / "verifier", images, objects, steps=s.steps(4000), seed=s.seed, device=s.device)
+    return evaluate_verifier(s.out / "verifier", pipeline_dir=s.out / "t2i", n_prompts=s.count(100, 4))
+
+
 def build_preference(s: BuildSettings, log) -> dict:
     from .preference import make_preference_data, preference_prompts, training_config
 
@@ -132,10 +143,10 @@ def build_edit_reward(s: BuildSettings, log) -> dict:
 
 
 BUILDERS: dict[str, Callable[[BuildSettings, Callable[[str], None]], dict]] = {
-    "t2i": build_t2i, "clip": build_clip, "preference": build_preference, "edit": build_edit,
+    "t2i": build_t2i, "clip": build_clip, "verifier": build_verifier, "preference": build_preference, "edit": build_edit,
     "edit-reward": build_edit_reward,
 }  # fmt: skip
-DIRECTORIES = {"t2i": "t2i", "clip": "clip", "preference": "preference", "edit": "edit", "edit-reward": "edit_reward"}
+DIRECTORIES = {"t2i": "t2i", "clip": "clip", "verifier": "verifier", "preference": "preference", "edit": "edit", "edit-reward": "edit_reward"}
 
 
 def build(out: str | Path, *, stages: Sequence[str] = STAGES, seed: int = 0, device: str = "cpu", quick: bool = False,

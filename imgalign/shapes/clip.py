@@ -104,6 +104,24 @@ def perturb(scene: Scene, rng: np.random.Generator, field: str | None = None) ->
     return Scene(str(rng.choice(other)), scene.shapes)
 
 
+def one_attribute_changes(scene: Scene, field: str) -> list[Scene]:
+    """Every valid scene with ``field`` of exactly one shape changed (the exhaustive :func:`perturb`)."""
+    out = []
+    for i, shape in enumerate(scene.shapes):
+        for value in ATTRIBUTE_CHOICES[field]:
+            if value == getattr(shape, field):
+                continue
+            shapes = list(scene.shapes)
+            shapes[i] = dataclasses.replace(shape, **{field: value})
+            try:
+                changed = Scene(scene.background, tuple(shapes))
+            except LayoutError:
+                continue
+            if changed != scene and changed not in out:
+                out.append(changed)
+    return out
+
+
 def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random pixel noise, blur and colour jitter on [B,3,H,W] in [0,1] (half the batch kept clean)."""
     b = images.shape[0]
@@ -124,6 +142,7 @@ def train_shapes_clip(out_dir: str | Path, *, steps: int = 2000, batch_size: int
     from tqdm.auto import tqdm
 
     from imgalign.io import atomic_directory
+    from imgalign.train.loop import plain_step
 
     reward = shapes_clip(load_weights=False).to(device)
     model = reward.encoder.model
@@ -144,11 +163,7 @@ def train_shapes_clip(out_dir: str | Path, *, steps: int = 2000, batch_size: int
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # [B, 5B]: captions, then hard negatives
         target = torch.arange(batch_size, device=device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch_size].T, target)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        plain_step(loss, model.parameters(), optimizer, schedule)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", min=f"{(time.time() - start) / 60:.1f}")
     model.eval()
@@ -194,8 +209,8 @@ class ShapesCaptionContrast(Reward):
         unknown = [f for f in fields if f not in ATTRIBUTE_CHOICES]
         if unknown or not fields:
             raise ValueError(f"fields must be among {', '.join(ATTRIBUTE_CHOICES)}; got {list(fields)}")
-        if negatives < 1:
-            raise ValueError(f"negatives must be >= 1, got {negatives}")
+        if negatives < 0:
+            raise ValueError(f"negatives must be >= 0 (0: every one-attribute change), got {negatives}")
         self.clip = clip if clip is not None else shapes_clip()
         self.fields, self.negatives, self.seed = tuple(fields), int(negatives), int(seed)
         self.info = RewardInfo(
@@ -214,17 +229,20 @@ class ShapesCaptionContrast(Reward):
         rng = np.random.default_rng([self.seed, zlib.crc32(prompt.encode())])
         out = [prompt]
         for field in self.fields:
+            if self.negatives == 0:
+                out += [caption(s, template=template) for s in one_attribute_changes(scene, field)]
+                continue
             for _ in range(self.negatives):
                 out.append(caption(perturb(scene, rng, field), template=template))
         return out
 
     def _score(self, images: torch.Tensor, prompts: list[str], **cond) -> torch.Tensor:
         encoder = self.clip.encoder
-        texts = [c for p in prompts for c in self.candidates(p)]
+        candidates = [self.candidates(p) for p in prompts]  # the prompt first; lengths vary with negatives=0
         image = encoder.encode_image(images)  # [B, D], unit norm
-        text = encoder.encode_text(texts).view(len(prompts), -1, image.shape[-1])  # [B, 1+N, D]
-        logits = encoder.model.logit_scale.exp() * torch.einsum("bd,bnd->bn", image, text)
-        return torch.log_softmax(logits, dim=-1)[:, 0]
+        text = encoder.encode_text([c for group in candidates for c in group]).split([len(g) for g in candidates])
+        scale = encoder.model.logit_scale.exp()
+        return torch.stack([torch.log_softmax(scale * (t @ v), dim=0)[0] for v, t in zip(image, text)])
 
 
 def shapes_clip_contrast(fields: str | Sequence[str] = tuple(ATTRIBUTE_CHOICES), negatives: int = 2,

@@ -126,6 +126,7 @@ def fit_pipeline(pipe, step_loss, out_dir: str | Path, *, steps: int, lr: float,
     ``save_pretrained`` as fp16 safetensors.
     """
     from tqdm.auto import tqdm
+    from ..train.loop import plain_step
 
     from imgalign.io import atomic_directory
 
@@ -139,11 +140,7 @@ def fit_pipeline(pipe, step_loss, out_dir: str | Path, *, steps: int, lr: float,
     start, running = time.time(), []
     for step in (bar := tqdm(range(steps), desc=desc, unit="step")):
         loss = step_loss(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        plain_step(loss, params, optimizer, schedule)
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, live in ((ema_unet, pipe.unet), (ema_text, pipe.text_encoder)):

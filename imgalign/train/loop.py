@@ -151,6 +151,20 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig, ma
     return optimizer, lr_scheduler
 
 
+def plain_step(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], optimizer: Any, lr_schedule: Any,
+               max_norm: float = 1.0) -> None:  # fmt: skip
+    """One single-process update: backward, clip the gradient norm, optimizer and LR steps.
+
+    For the small trainers that run without accelerate (the Shapes models); the recipes use
+    :class:`GradientStep`.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    lr_schedule.step()
+
+
 def broadcast_parameters(params: Iterable[torch.nn.Parameter], accelerator: Any) -> None:
     """Start every process from the main process's weights (what DDP does at wrap time)."""
     if accelerator.num_processes == 1:

@@ -17,12 +17,17 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 
     with Image.open(path) as image:
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
+    return from_uint8(array.copy())[None]
+
+
+def from_uint8(array: np.ndarray) -> torch.Tensor:
+    """uint8 [H,W,3] or [B,H,W,3] -> float [3,H,W] or [B,3,H,W] in [0,1]."""
+    return torch.from_numpy(array).movedim(-1, -3).float() / 255
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3,H,W] in [0,1] -> uint8 [H,W,3], rounding like diffusers' ``numpy_to_pil``."""
-    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    """[3,H,W] or [B,3,H,W] in [0,1] -> uint8 [H,W,3] or [B,H,W,3], rounding like diffusers' ``numpy_to_pil``."""
+    return (image.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .best_of_n import best_of_n_candidates, best_of_n_sample
+from .best_of_n import best_candidates, best_of_n_candidates, best_of_n_sample
 from .combined import aig_base_weights, aig_sample, combined_sample
 
 SAMPLERS = ("ode", "combined", "aig", "best-of-n")
@@ -38,4 +38,4 @@ def run_sampler(
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-__all__ = ["SAMPLERS", "aig_base_weights", "aig_sample", "best_of_n_candidates", "best_of_n_sample", "combined_sample", "run_sampler"]
+__all__ = ["SAMPLERS", "aig_base_weights", "aig_sample", "best_candidates", "best_of_n_candidates", "best_of_n_sample", "combined_sample", "run_sampler"]

@@ -75,6 +75,10 @@ def best_of_n_sample(
     With ``return_scores`` also returns the candidates' scores ``[B, n]``.
     """
     stacked, scores = best_of_n_candidates(adapter, prompts, reward=reward, n=n, generator=generator, **common)
-    best = scores.argmax(dim=1)
-    images = stacked[torch.arange(len(stacked)), best.to(stacked.device)]
+    images = best_candidates(stacked, scores)
     return (images, scores) if return_scores else images
+
+
+def best_candidates(candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The highest-scoring candidate per image: ``[B, n, ...]``, ``[B, n]`` -> ``[B, ...]``."""
+    return candidates[torch.arange(len(candidates)), scores.argmax(dim=1).to(candidates.device)]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from rewards import Reward, RewardInfo
 
+from ..images import from_uint8
 from .world import COLOURS, KINDS, POSITIONS, SIZES, LayoutError, Scene, caption, render_batch, sample_scene
 
 CONTEXT_LENGTH = 48
@@ -153,7 +154,7 @@ def train_shapes_clip(out_dir: str | Path, *, steps: int = 2000, batch_size: int
     start = time.time()
     for step in (bar := tqdm(range(steps), desc="shapes clip", unit="step")):
         scenes = [sample_scene(rng, split="train") for _ in range(batch_size)]
-        images = torch.from_numpy(render_batch(scenes, 32, rng)).permute(0, 3, 1, 2).float() / 255
+        images = from_uint8(render_batch(scenes, 32, rng))
         images = degrade(images, generator).to(device)
         # one hard negative per attribute type, so no single attribute (colour) explains the batch
         texts = [caption(s, rng) for s in scenes]
@@ -180,7 +181,7 @@ def evaluate_shapes_clip(reward, n: int = 500, seed: int = 99) -> dict:
     """Held-out accuracy of preferring the true caption over its one-attribute perturbation."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, split="heldout") for _ in range(n)]
-    images = torch.from_numpy(render_batch(scenes, 32, rng)).permute(0, 3, 1, 2).float() / 255
+    images = from_uint8(render_batch(scenes, 32, rng))
     true = reward.score_batched(images, [caption(s, rng) for s in scenes])
     false = reward.score_batched(images, [caption(perturb(s, rng), rng) for s in scenes])
     return {"heldout_pair_accuracy": float((true > false).float().mean()), "margin": float((true - false).mean())}

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..images import from_uint8
 from .oracle import ATTRIBUTES
 
 # What the report compares before/after: the oracle's aspects (per-image values) first.
@@ -186,10 +187,10 @@ def best_of_n_curve(candidates: torch.Tensor, scores: torch.Tensor, prompts: Seq
     truth = {a: np.array([float(getattr(j, a)) for j in judgements]).reshape(b, n) for a in ("colour", "exact", "quality")}
     ms = [m for m in (1, 2, 4, 8, 16, 32, 64) if m < n] + [n]
     curve: dict[str, list[float]] = {"n": [float(m) for m in ms], "reward": []} | {f"oracle/{a}": [] for a in truth}
-    rows = np.arange(b)
+    rows, scored = np.arange(b), scores.cpu().numpy()
     for m in ms:
-        pick = scores[:, :m].argmax(dim=1).cpu().numpy()
-        curve["reward"].append(float(scores.cpu().numpy()[rows, pick].mean()))
+        pick = scored[:, :m].argmax(axis=1)
+        curve["reward"].append(float(scored[rows, pick].mean()))
         for a, values in truth.items():
             curve[f"oracle/{a}"].append(float(values[rows, pick].mean()))
     return curve
@@ -204,15 +205,20 @@ def gains(before, after, metrics: Sequence[str], reward_names: Sequence[str]) ->
     return out
 
 
-def load_shipped_pipeline(model: str):
-    """A shipped Shapes pipeline (``t2i`` or ``edit``) in fp32 on the CPU, progress bars off."""
+def load_pipeline(directory: str | Path):
+    """A Shapes pipeline directory in fp32 on the CPU, progress bars off."""
     import pipelines
 
-    from .manifest import WEIGHTS_DIR
-
-    adapter = pipelines.load(str(WEIGHTS_DIR / model), dtype=torch.float32, device="cpu")
+    adapter = pipelines.load(str(directory), dtype=torch.float32, device="cpu")
     adapter.pipe.set_progress_bar_config(disable=True)
     return adapter
+
+
+def load_shipped_pipeline(model: str):
+    """A shipped Shapes pipeline (``t2i`` or ``edit``): see :func:`load_pipeline`."""
+    from .manifest import WEIGHTS_DIR
+
+    return load_pipeline(WEIGHTS_DIR / model)
 
 
 def write_report(out: Path, report: dict, table: str) -> None:
@@ -249,20 +255,20 @@ def plot_reward_curves(runs: list[DemoRun], path: Path, label: str = TRAIN_REWAR
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    trained = [run for run in runs if any("reward_mean" in h for h in run.history)]
+    trained = {run.algo: points for run in runs if (points := [
+        (h["step"], h["reward_mean"]) for h in run.history if "reward_mean" in h and h.get("step", 0) > 0])}  # fmt: skip
     curves = [run for run in runs if run.best_of_n]
-    panels = int(bool(trained)) + int(bool(curves)) or 1
+    panels = int(bool(trained)) + len(curves) or 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.4), dpi=120, squeeze=False)
     axes = list(axes[0])
     if trained:
         ax = axes.pop(0)
-        for run in trained:
-            points = [(h["step"], h["reward_mean"]) for h in run.history if "reward_mean" in h and h.get("step", 0) > 0]
+        for algo, points in trained.items():
             steps, values = np.array(points).T
             ax.plot(steps, values, alpha=0.35, lw=1)
             window = min(5, len(values))
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1 :], smooth, lw=2, label=run.algo, color=ax.lines[-1].get_color())
+            ax.plot(steps[window - 1 :], smooth, lw=2, label=algo, color=ax.lines[-1].get_color())
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{label} (batch mean)")
         ax.set_title("learned reward during alignment")
@@ -314,7 +320,7 @@ def run_demo(
     from ..evaluation import evaluate, paired_gain
     from ..images import save_grid
     from ..prompt_sets import prompt_set
-    from ..sampling import best_of_n_candidates, run_sampler
+    from ..sampling import best_candidates, best_of_n_candidates, run_sampler
     from ..train.reward_backprop import train
 
     if algo == EDIT_ALGORITHM.name:
@@ -338,7 +344,7 @@ def run_demo(
             if sampler == "best-of-n":  # keep every candidate: the best-of-N curve comes from the same draws
                 candidates, scores = best_of_n_candidates(adapter, batch_prompts, generator=generators, **options, **sampling)
                 kept.append((candidates, scores, batch_prompts))
-                return candidates[torch.arange(len(scores)), scores.argmax(dim=1)]
+                return best_candidates(candidates, scores)
             return run_sampler(sampler, adapter, batch_prompts, generator=generators, **options, **sampling)
 
         return evaluate(sample, prompts, judges, images_per_prompt=images_per_prompt, seed=seed, progress=False)
@@ -417,7 +423,7 @@ def evaluate_edits(adapter, examples, reward, *, images_per_source: int, seed: i
     from .oracle import judge_edit
 
     n, k = len(examples.instructions), images_per_source
-    sources = torch.from_numpy(examples.sources).permute(0, 3, 1, 2).float() / 255
+    sources = from_uint8(examples.sources)
     edited = []
     for j in range(k):
         generators = [torch.Generator().manual_seed(seed + i * k + j) for i in range(n)]
@@ -469,7 +475,7 @@ def run_edit_demo(out: Path, *, num_sources: int = 48, images_per_source: int = 
     pipelines.load_lora(adapter, result.weights_dir)
     after = evaluate_edits(adapter, examples, reward, **common)
     edit_gains = gains(before, after, EDIT_METRICS, [reward.info.name])
-    sources_tensor = torch.from_numpy(examples.sources[:16]).permute(0, 3, 1, 2).float() / 255
+    sources_tensor = from_uint8(examples.sources[:16])
     k = images_per_source
     rows = torch.stack([sources_tensor, before.images[::k][:16], after.images[::k][:16]], dim=1).flatten(0, 1)
     save_grid(rows, out / "edit_before_after.png", ncols=6)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..images import from_uint8
 from .manifest import WEIGHTS_DIR
 from .t2i import SPECIAL_TOKENS, TEXT_CONFIG, UNET_CONFIG, _words, caption_vocabulary
 from .world import (
@@ -327,7 +328,7 @@ def evaluate_edit(
     pipe = ShapesEditPipeline.from_pretrained(str(pipe_dir), torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     examples = make_edit_dataset(n, seed, split=split)
-    sources = torch.from_numpy(examples.sources).permute(0, 3, 1, 2).float() / 255
+    sources = from_uint8(examples.sources)
     edited = []
     for start in range(0, n, 100):
         chunk = slice(start, min(start + 100, n))

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from rewards import Reward, RewardInfo, load_state_dict
 
+from ..images import from_uint8
 from .edit import edit_tokenizer, make_edit_dataset, sample_edit_in_split
 from .t2i import MAX_TOKENS
 from .world import Scene, caption
@@ -192,7 +193,7 @@ def make_edit_preference_data(
         import pipelines
 
         adapter = pipelines.load(pipeline, dtype=torch.float32, device=device)
-        sources = torch.from_numpy(examples.sources).permute(0, 3, 1, 2).float() / 255
+        sources = from_uint8(examples.sources)
         for k in range(samples_per_source):
             for start in tqdm(range(0, n, 64), desc=f"edit samples {k + 1}/{samples_per_source}", unit="batch"):
                 chunk = slice(start, min(start + 64, n))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from rewards import Reward, RewardInfo
 from torch import nn
 
+from ..images import from_uint8
 from .world import COLOURS, KINDS, POSITIONS, SIZES, Scene, parse_caption, render_batch, sample_scene
 
 QUERY_FIELDS = {"colour": COLOURS, "kind": KINDS, "size": SIZES, "position": POSITIONS}
@@ -94,9 +95,14 @@ class ObjectVerifier(nn.Module):
 # --------------------------------------------------------------------------- the reward
 
 
+def object_query(obj, fields: Sequence[str] = tuple(QUERY_FIELDS)) -> Query:
+    """The question about one object (a caption's ``Shape`` or the oracle's ``FoundShape``), asking only about ``fields``."""
+    return tuple(getattr(obj, f) if f in fields else None for f in QUERY_FIELDS)  # type: ignore[return-value]
+
+
 def scene_queries(scene: Scene, fields: Sequence[str]) -> list[Query]:
     """One query per object of the scene, asking only about ``fields``."""
-    return [tuple(getattr(s, f) if f in fields else None for f in QUERY_FIELDS) for s in scene.shapes]  # type: ignore[misc]
+    return [object_query(s, fields) for s in scene.shapes]
 
 
 class ShapesVerifierReward(Reward):
@@ -195,44 +201,33 @@ def make_queries(present: Sequence[Query], rng: np.random.Generator, n: int, p_m
 
 
 def found_objects(images_uint8: np.ndarray) -> list[list[Query] | None]:
-    """What the oracle's analysis sees in each image (``None``: no readable background)."""
+    """What the oracle's analysis sees in each image (``None``: no readable background).
+
+    A blob the oracle cannot classify keeps its kind ``"unknown"``.
+    """
     from .oracle import analyse
 
-    out = []
-    for analysis in analyse(images_uint8):
-        if analysis.background is None:
-            out.append(None)
-            continue
-        out.append([(s.colour, s.kind if s.kind in KINDS else "unknown", s.size, s.position) for s in analysis.shapes])
-    return out
+    return [None if a.background is None else [object_query(s) for s in a.shapes] for a in analyse(images_uint8)]
 
 
 def sample_pool(prompts: Sequence[str], *, seed: int = 0, guidance: Sequence[float] = (1.5, 3.0, 5.0),
                 num_steps: int = 10, batch_size: int = 64, pipeline_dir: str | Path | None = None,
-                lora: str | Path | None = None, progress: bool = True):  # fmt: skip
-    """T2I samples of ``prompts`` (guidance cycling per batch) and the objects the oracle finds in them.
-
-    ``lora``: sample a LoRA-aligned model instead, so the verifier also learns from the
-    artefacts an aligned policy produces (on-policy data, as in iterated RLHF).
-    """
+                progress: bool = True):  # fmt: skip
+    """T2I samples of ``prompts`` (guidance cycling per batch) and the objects the oracle finds in them."""
     from tqdm.auto import tqdm
 
-    import pipelines
-
+    from ..images import to_uint8
+    from .demo import load_pipeline
     from .manifest import WEIGHTS_DIR
 
-    adapter = pipelines.load(str(pipeline_dir or WEIGHTS_DIR / "t2i"), dtype=torch.float32, device="cpu")
-    adapter.pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipelines.load_lora(adapter, str(lora))
+    adapter = load_pipeline(pipeline_dir or WEIGHTS_DIR / "t2i")
     images = []
     for n, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc="sampling T2I", disable=not progress)):
         chunk = list(prompts[start : start + batch_size])
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
         with torch.no_grad():
             images.append(adapter.sample(chunk, num_steps=num_steps, guidance_scale=guidance[n % len(guidance)], generator=gens).float())
-    x = torch.cat(images).clamp(0, 1)
-    u8 = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    u8 = to_uint8(torch.cat(images))
     return u8, found_objects(u8)
 
 
@@ -240,8 +235,8 @@ def _rendered_batch(n: int, rng: np.random.Generator, generator: torch.Generator
     from .clip import degrade
 
     scenes = [sample_scene(rng, split="any") for _ in range(n)]
-    images = torch.from_numpy(render_batch(scenes, 32, rng)).permute(0, 3, 1, 2).float() / 255
-    return degrade(images, generator), [[(s.colour, s.kind, s.size, s.position) for s in sc.shapes] for sc in scenes]
+    images = from_uint8(render_batch(scenes, 32, rng))
+    return degrade(images, generator), [scene_queries(sc, tuple(QUERY_FIELDS)) for sc in scenes]
 
 
 def query_batch(objects: Sequence[Sequence[Query]], rng: np.random.Generator, per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +270,7 @@ def train_verifier(out_dir: str | Path, pool_images: np.ndarray, pool_objects: S
     keep = [i for i, objs in enumerate(pool_objects) if objs is not None]
     if not keep and generated_fraction > 0:
         raise ValueError("the pool has no image the oracle could read; sample more T2I images")
-    pool = torch.from_numpy(pool_images[keep]).permute(0, 3, 1, 2).float() / 255
+    pool = from_uint8(pool_images[keep])
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
         torch.manual_seed(seed)
         model = ObjectVerifier(width=width).to(device).train()
@@ -343,7 +338,7 @@ def evaluate_verifier(checkpoint: str | Path, *, pipeline_dir: str | Path | None
     k = samples_per_prompt
     texts = [p for p in prompts for _ in range(k)]
     u8, _ = sample_pool(texts, seed=seed, guidance=(3.0,), pipeline_dir=pipeline_dir, progress=False)
-    images = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
+    images = from_uint8(u8)
     scores = reward.score_batched(images, texts, batch_size=64).numpy().reshape(-1, k)
     judgements = judge(u8, texts)
     out: dict = {"eval": f"{len(prompts)} shapes-heldout-eval prompts x {k} T2I samples (10 steps, guidance 3)"}
@@ -356,7 +351,7 @@ def evaluate_verifier(checkpoint: str | Path, *, pipeline_dir: str | Path | None
                                         "oracle": round(float(truth.max(1).mean()), 3)}  # fmt: skip
     rng = np.random.default_rng(seed)
     scenes = [parse_caption(p) for p in prompt_set("shapes-heldout")[:200]]
-    renders = torch.from_numpy(render_batch(scenes, 32, rng)).permute(0, 3, 1, 2).float() / 255
+    renders = from_uint8(render_batch(scenes, 32, rng))
     true = reward.score_batched(renders, [caption(s, rng) for s in scenes], batch_size=100)
     out["rendered_heldout_vs_one_change"] = {}
     for field in ATTRIBUTE_CHOICES:

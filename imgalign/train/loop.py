@@ -41,6 +41,7 @@ import torch
 
 import pipelines
 
+from ..images import to_uint8
 from .config import LoopConfig, LoraConfig, OptimConfig
 
 logger = logging.getLogger("imgalign.train")
@@ -285,7 +286,7 @@ class RunLogger:
         """Log an image batch [N,3,H,W] in [0,1] to every tracker that takes images."""
         if not self.is_main:
             return
-        array = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        array = to_uint8(images)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({tag: array}, step=step, dataformats="NHWC")

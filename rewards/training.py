@@ -1,6 +1,6 @@
-"""Reward-model training on preference pairs, and the reward it produces.
+"""The trainable reward: a base reward with the parts preference training changes, and its save format.
 
-``train_reward(config)`` trains one of:
+:func:`build_trainable` makes one of:
 
 * ``mode="head"`` -- a head on frozen features. Families with their own head train it
   (ImageReward's ``mlp``, EditReward's ``rm_heads``); others get a new MLP over their
@@ -13,16 +13,16 @@
 * ``mode="params"`` -- only parameters whose names start with one of ``trainable``
   ("any Reward whose parameters you mark trainable"); ``trainable`` also adds to other modes.
 
-Losses come from :mod:`rewards.preference`; uncertainty-aware losses (``"uncertainty"``,
-``"thurstone"``) need ``(mu, log_sigma)`` outputs: EditReward has them, a new head gets
-them with ``outputs="uncertainty"``. Aspects (``aspects=[...]``) give the head one output
-per aspect, trained on per-aspect labels; the reward's score is their mean.
+Losses come from :mod:`rewards.preference` (:func:`pair_loss` applies the configured one);
+uncertainty-aware losses (``"uncertainty"``, ``"thurstone"``) need ``(mu, log_sigma)``
+outputs: EditReward has them, a new head gets them with ``outputs="uncertainty"``. Aspects
+(``aspects=[...]``) give the head one output per aspect, trained on per-aspect labels; the
+reward's score is their mean.
 
-The loop runs on ``accelerate`` (several processes, mixed precision, gradient
-accumulation); the data order is a pure function of ``(seed, step)`` and the trainable
-state, optimizer state and step are checkpointed atomically, so a resumed run continues
-exactly. The output directory holds ``reward.json`` + ``model.safetensors`` (only the trained
-tensors) and loads with ``rewards.load(path)``.
+The training loop is not here (a leaf package does not run trainers): ``imgalign
+train-reward`` runs it on imgalign's training skeleton. Its output directory holds
+``reward.json`` + ``model.safetensors`` (only the trained tensors) and loads with
+``rewards.load(path)``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,14 +47,16 @@ from .data import base_dir as dataset_base_dir
 from .data import find_key, load_image_value, read_records
 
 __all__ = [
-    "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RewardTrainingConfig", "RunConfig",
-    "TrainableReward", "build_trainable", "load_pairs", "load_trained_reward", "save_trained_reward", "train_reward",
+    "LossConfig", "PairDataConfig", "RewardModelConfig", "TrainableReward", "build_trainable", "collate_pairs",
+    "evaluate_pairs", "load_pairs", "load_trained_reward", "pair_loss", "save_trained_reward",
 ]
 
 
 # -- config -----------------------------------------------------------------------------------
 @dataclass
-class DataConfig:
+class PairDataConfig:
+    """Where the preference pairs are and how to read them (``data.*`` of ``imgalign train-reward``)."""
+
     train: str = ""
     val: str | None = None
     val_fraction: float = 0.1  # held out from ``train`` when ``val`` is not given
@@ -68,7 +69,9 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class RewardModelConfig:
+    """Which reward to train and which of its parts (``model.*``; LoRA sizes come separately)."""
+
     reward: dict[str, Any] = field(default_factory=dict)  # {"name": ..., "options": {...}}
     mode: Literal["head", "lora", "full", "params"] = "head"
     trainable: list[str] = field(default_factory=list)
@@ -76,13 +79,12 @@ class ModelConfig:
     head_hidden: int = 128
     outputs: Literal["score", "uncertainty"] = "score"
     aspects: list[str] = field(default_factory=list)
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_targets: list[str] = field(default_factory=list)
 
 
 @dataclass
 class LossConfig:
+    """The preference loss (:func:`rewards.preference.preference_loss` names and options)."""
+
     kind: Literal["bt", "margin", "rao-kupper", "davidson", "uncertainty", "thurstone"] = "bt"
     margin: float = P.EDITREWARD_MARGIN
     theta: float = 2.0
@@ -92,39 +94,6 @@ class LossConfig:
     num_points: int = 32
     aspect_weights: list[float] = field(default_factory=list)
     overall_weight: float = 1.0
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    batch_size: int = 16  # pairs per process per micro-step
-    grad_accum: int = 1
-    max_steps: int = 200
-    max_grad_norm: float = 1.0
-
-
-@dataclass
-class RunConfig:
-    output_dir: str = "runs/reward"
-    seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    cpu: bool = False
-    validate_every: int = 50
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # "auto" (latest checkpoint if any), "none", or a checkpoint directory
-    eval_batch_size: int = 32
-
-
-@dataclass
-class RewardTrainingConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 # -- the trainable reward ---------------------------------------------------------------------
@@ -192,8 +161,13 @@ def _linear_targets(module: nn.Module, exclude: Sequence[str] = ()) -> list[str]
             if isinstance(sub, nn.Linear) and name not in mha_children and not name.startswith(tuple(exclude))]
 
 
-def build_trainable(cfg: ModelConfig, load: Callable[..., Reward] | None = None) -> TrainableReward:
-    """The base reward from ``cfg.reward`` with the parts ``cfg.mode`` trains (see module doc)."""
+def build_trainable(cfg: RewardModelConfig, load: Callable[..., Reward] | None = None, *, lora_rank: int = 8,
+                    lora_alpha: float = 8.0, lora_targets: Sequence[str] = ()) -> TrainableReward:  # fmt: skip
+    """The base reward from ``cfg.reward`` with the parts ``cfg.mode`` trains (see module doc).
+
+    ``lora_*`` size the adapters of ``mode="lora"``. The returned model remembers what built it
+    (``build_options``), which :func:`save_trained_reward` writes next to the weights.
+    """
     if load is None:
         from .registry import load
     if not cfg.reward or "name" not in cfg.reward:
@@ -217,10 +191,10 @@ def build_trainable(cfg: ModelConfig, load: Callable[..., Reward] | None = None)
         from peft import LoraConfig, inject_adapter_in_model
 
         exclude = own_head or ()
-        targets = list(cfg.lora_targets) or _linear_targets(base, exclude)
+        targets = list(lora_targets) or _linear_targets(base, exclude)
         if not targets:
             raise ValueError(f"no linear layers to put LoRA on in {family}; set model.lora_targets")
-        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets),
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets),
                                 base)
         for name, p in base.named_parameters():
             p.requires_grad_("lora_" in name)
@@ -237,6 +211,10 @@ def build_trainable(cfg: ModelConfig, load: Callable[..., Reward] | None = None)
         raise ValueError(f"mode=head: {family} has no head of its own; set model.new_head=true or list model.trainable")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"nothing to train: mode={cfg.mode!r} with trainable={cfg.trainable} selects no parameter of {family}")
+    model.build_options = {"base": cfg.reward, "mode": cfg.mode, "trainable": list(cfg.trainable),
+                           "new_head": new_head, "head_hidden": cfg.head_hidden, "outputs": cfg.outputs,
+                           "aspects": list(cfg.aspects), "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                           "lora_targets": list(lora_targets)}  # fmt: skip
     return model
 
 
@@ -265,15 +243,12 @@ def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def save_trained_reward(model: TrainableReward, cfg: ModelConfig, directory: str | os.PathLike) -> Path:
+def save_trained_reward(model: TrainableReward, directory: str | os.PathLike) -> Path:
     """``reward.json`` + ``model.safetensors``: loadable with ``rewards.load(directory)``."""
     from safetensors.torch import save_file
 
     state = trainable_state(model)
-    options = {"base": cfg.reward, "mode": cfg.mode, "trainable": cfg.trainable,
-               "new_head": model.head is not None, "head_hidden": cfg.head_hidden, "outputs": cfg.outputs,
-               "aspects": cfg.aspects, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-               "lora_targets": cfg.lora_targets, "weights": "./model.safetensors"}
+    options = {**model.build_options, "weights": "./model.safetensors"}
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"))
@@ -291,10 +266,9 @@ def load_trained_reward(base: dict, weights: str, mode: str = "head", trainable:
     """Rebuild the trained structure over the base reward and load the trained tensors (safetensors)."""
     from .loading import load_state_dict
 
-    cfg = ModelConfig(reward=base, mode=mode, trainable=list(trainable), new_head=new_head, head_hidden=head_hidden,
-                      outputs=outputs, aspects=list(aspects), lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      lora_targets=list(lora_targets))
-    model = build_trainable(cfg)
+    cfg = RewardModelConfig(reward=base, mode=mode, trainable=list(trainable), new_head=new_head,
+                            head_hidden=head_hidden, outputs=outputs, aspects=list(aspects))
+    model = build_trainable(cfg, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
     state = load_state_dict(weights)
     expected = set(trainable_state(model))
     if set(state) != expected:
@@ -328,7 +302,7 @@ def _resize(image: Tensor, size: int) -> Tensor:
     return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)[0]
 
 
-def load_pairs(path: str, cfg: DataConfig, aspects: Sequence[str] = ()) -> list[Pair]:
+def load_pairs(path: str, cfg: PairDataConfig, aspects: Sequence[str] = ()) -> list[Pair]:
     """Preference pairs from a dataset file; images loaded and resized to ``cfg.image_size``.
 
     Record fields: ``image_a``/``image_b`` (path, bytes or ``{"bytes","path"}``), ``prompt``
@@ -364,7 +338,8 @@ def load_pairs(path: str, cfg: DataConfig, aspects: Sequence[str] = ()) -> list[
     return pairs
 
 
-def _collate(pairs: Sequence[Pair], device) -> dict[str, Any]:
+def collate_pairs(pairs: Sequence[Pair], device) -> dict[str, Any]:
+    """A batch of pairs as A-then-B images (one forward for both sides), prompts, sources and targets."""
     images = torch.cat([torch.stack([p.image_a for p in pairs]), torch.stack([p.image_b for p in pairs])]).to(device)
     prompts = [p.prompt or "" for p in pairs] * 2
     cond = {}
@@ -376,32 +351,9 @@ def _collate(pairs: Sequence[Pair], device) -> dict[str, Any]:
             "aspect_targets": torch.tensor([p.aspect_targets for p in pairs], device=device).view(len(pairs), -1)}
 
 
-def _batch_positions(step: int, micro: int, cfg: OptimConfig, world: int, rank: int, n: int, seed: int) -> list[int]:
-    """Dataset indices of this process's micro-batch: a pure function of the step (exact resume)."""
-    global_batch = cfg.batch_size * world
-    start = ((step * cfg.grad_accum + micro) * global_batch) + rank * cfg.batch_size
-    indices = []
-    for position in range(start, start + cfg.batch_size):
-        epoch, offset = divmod(position, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        indices.append(int(torch.randperm(n, generator=g)[offset]))
-    return indices
-
-
 # -- loss and validation -----------------------------------------------------------------------
-class _PairObjective(nn.Module):
-    """What DDP wraps: the trained reward's raw outputs for a batch of A-then-B images."""
-
-    def __init__(self, model: TrainableReward):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor, prompts, cond: dict) -> Tensor:
-        prompts = prompts if self.model.info.needs_prompts else None
-        return self.model.outputs(images, prompts, **cond)
-
-
 def pair_loss(out: Tensor, batch: dict, cfg: LossConfig, generator: torch.Generator | None = None) -> Tensor:
+    """The configured preference loss of a :func:`collate_pairs` batch's outputs ``[2B, A, P]``."""
     half = out.shape[0] // 2
     out_a, out_b = out[:half], out[half:]
     if out.shape[-1] == 1:
@@ -426,7 +378,7 @@ def evaluate_pairs(model: TrainableReward, pairs: Sequence[Pair], batch_size: in
 
     margins = []
     for start in range(0, len(pairs), batch_size):
-        batch = _collate(pairs[start:start + batch_size], device)
+        batch = collate_pairs(pairs[start:start + batch_size], device)
         prompts = batch["prompts"] if model.info.needs_prompts else None
         scores = model.outputs(batch["images"], prompts, **batch["cond"])[..., 0].mean(1)
         half = scores.shape[0] // 2
@@ -436,144 +388,3 @@ def evaluate_pairs(model: TrainableReward, pairs: Sequence[Pair], batch_size: in
     acc_ties, eps = accuracy_with_ties(h.tolist(), m.tolist())
     return {"accuracy": pairwise_accuracy(h.tolist(), m.tolist()), "accuracy_with_ties": acc_ties,
             "tie_epsilon": eps, "pairs": len(pairs)}
-
-
-# -- checkpoints ---------------------------------------------------------------------------------
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_checkpoint(run_dir: Path, step: int, model: TrainableReward, optimizer, keep: int) -> None:
-    from safetensors.torch import save_file
-
-    def write(tmp: Path) -> None:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-
-    _atomic_dir(run_dir / "checkpoints" / f"step-{step:07d}", write)
-    for old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(path: Path, model: TrainableReward, optimizer) -> int:
-    from .loading import load_state_dict
-
-    state = load_state_dict(path / "trainable.safetensors")
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} does not match the model: unexpected {result.unexpected_keys[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    return int(json.loads((path / "state.json").read_text())["step"])
-
-
-# -- the loop ------------------------------------------------------------------------------------
-def train_reward(cfg: RewardTrainingConfig, log: Callable[[str], None] = print) -> Path:
-    """Train, validate, checkpoint; returns the directory of the trained reward (``<output_dir>/reward``)."""
-    from accelerate import Accelerator
-    from tqdm import tqdm
-
-    accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=cfg.run.cpu)
-    run_dir = Path(cfg.run.output_dir)
-    is_main = accelerator.is_main_process
-    torch.manual_seed(cfg.run.seed)  # a new head's initialisation
-    model = build_trainable(cfg.model).to(accelerator.device)
-    aspects = cfg.model.aspects
-    if not cfg.data.train:
-        raise ValueError("data.train must name the training pairs (JSONL, Parquet or a datasets directory)")
-    pairs = load_pairs(cfg.data.train, cfg.data, aspects)
-    if cfg.data.val:
-        val_pairs = load_pairs(cfg.data.val, cfg.data, aspects)
-    else:  # a fixed held-out split of the training file
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.run.seed)).tolist()
-        n_val = int(round(cfg.data.val_fraction * len(pairs)))
-        val_pairs = [pairs[i] for i in order[:n_val]]
-        pairs = [pairs[i] for i in order[n_val:]]
-    if not pairs:
-        raise ValueError("no training pairs left after the validation split")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    warmup = max(0, cfg.optim.warmup_steps)
-
-    def learning_rate(step: int) -> float:  # a function of the step alone, so resuming needs no scheduler state
-        return cfg.optim.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
-
-    start_step = 0
-    resume = None
-    if cfg.run.resume == "auto":
-        found = _checkpoints(run_dir)
-        resume = found[-1] if found else None
-    elif cfg.run.resume not in ("none", ""):
-        resume = Path(cfg.run.resume)
-        if not (resume / "state.json").is_file():
-            raise FileNotFoundError(f"run.resume: {resume} is not a checkpoint directory (no state.json)")
-    if resume is not None:
-        start_step = _load_checkpoint(resume, model, optimizer)
-        log(f"resumed from {resume} at step {start_step}")
-
-    objective, optimizer = accelerator.prepare(_PairObjective(model), optimizer)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    metrics_file = run_dir / "metrics.jsonl"
-    rank, world = accelerator.process_index, accelerator.num_processes
-    last_metrics: dict[str, Any] = {}
-    bar = tqdm(range(start_step, cfg.optim.max_steps), initial=start_step, total=cfg.optim.max_steps,
-               desc="train-reward", disable=not is_main)
-    for step in bar:
-        t0 = time.perf_counter()
-        # SAMPLE: this process's share of the global batch, a function of (seed, step)
-        total_loss = 0.0
-        for micro in range(cfg.optim.grad_accum):
-            idx = _batch_positions(step, micro, cfg.optim, world, rank, len(pairs), cfg.run.seed)
-            batch = _collate([pairs[i] for i in idx], accelerator.device)
-            generator = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 7919 + step * 31 + micro * 7 + rank)
-            # SCORE + LOSS
-            sync = micro == cfg.optim.grad_accum - 1
-            ctx = accelerator.no_sync(objective) if not sync and world > 1 else _nullcontext()
-            with ctx, accelerator.autocast():
-                out = objective(batch["images"], batch["prompts"], batch["cond"])
-                loss = pair_loss(out.float(), batch, cfg.loss, generator) / cfg.optim.grad_accum
-            accelerator.backward(loss)
-            total_loss += float(loss.detach())
-        # UPDATE
-        if cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        lr = learning_rate(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        record: dict[str, Any] = {"step": done, "loss": total_loss, "lr": lr,
-                                  "step_s": time.perf_counter() - t0}
-        if val_pairs and (done % cfg.run.validate_every == 0 or done == cfg.optim.max_steps):
-            if is_main:
-                last_metrics = {f"val_{k}": v for k, v in evaluate_pairs(
-                    model, val_pairs, cfg.run.eval_batch_size, accelerator.device).items()}
-                record.update(last_metrics)
-                log(f"step {done}: loss {total_loss:.4f} val accuracy {last_metrics['val_accuracy']:.4f} "
-                    f"(with ties {last_metrics['val_accuracy_with_ties']:.4f})")
-            accelerator.wait_for_everyone()
-        if is_main:
-            with metrics_file.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{total_loss:.4f}")
-        if done % cfg.run.checkpoint_every == 0 or done == cfg.optim.max_steps:
-            if is_main:
-                _save_checkpoint(run_dir, done, model, optimizer.optimizer, cfg.run.keep_checkpoints)
-            accelerator.wait_for_everyone()
-    out_dir = run_dir / "reward"
-    if is_main:
-        save_trained_reward(model, cfg.model, out_dir)
-        (run_dir / "final_metrics.json").write_text(json.dumps(last_metrics, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    return out_dir
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

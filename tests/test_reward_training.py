@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import rewards
 from imgalign.cli import main
-from rewards.training import DataConfig, evaluate_pairs, load_pairs
+from rewards.training import PairDataConfig, evaluate_pairs, load_pairs
 
 TINY = {
     "embed_dim": 16,
@@ -63,18 +63,24 @@ def data(tmp_path_factory):
 
 def config(root: Path, out: Path, **sections) -> Path:
     cfg = {
+        "output_dir": str(out),
         "data": {"train": str(root / "train.jsonl"), "val": str(root / "val.jsonl"), "image_size": 32},
         "model": {"reward": {"name": "clip", "options": {"arch": TINY, "pretrained": None,
                                                           "checkpoint": str(root / "tiny_clip.safetensors")}},
                   "mode": "head"},
-        "optim": {"lr": 0.003, "batch_size": 16, "max_steps": 120},
-        "run": {"output_dir": str(out), "validate_every": 60, "checkpoint_every": 60, "cpu": True},
+        "optim": {"lr": 0.003},
+        "train": {"batch_size": 16, "max_steps": 120, "checkpoint_every": 60, "report_to": []},
+        "validation": {"every": 60},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
 def test_head_on_frozen_clip_learns_redness(data, tmp_path):
@@ -85,7 +91,7 @@ def test_head_on_frozen_clip_learns_redness(data, tmp_path):
     # the output directory is a reward: same held-out accuracy after a reload
     reward = rewards.load(str(out / "reward"))
     assert isinstance(reward, rewards.training.TrainableReward)
-    val = load_pairs(str(data / "val.jsonl"), DataConfig(image_size=32))
+    val = load_pairs(str(data / "val.jsonl"), PairDataConfig(image_size=32))
     reloaded = evaluate_pairs(reward, val, 32, torch.device("cpu"))
     assert reloaded["accuracy"] == pytest.approx(metrics["val_accuracy"])
     # only the head was trained and saved
@@ -98,30 +104,48 @@ def test_head_on_frozen_clip_learns_redness(data, tmp_path):
 
 
 def test_resume_is_exact(data, tmp_path):
-    small = {"optim": {"lr": 0.003, "batch_size": 8, "max_steps": 6, "grad_accum": 2},
-             "run": {"validate_every": 100, "checkpoint_every": 3, "cpu": True}}
+    small = {"train": {"batch_size": 8, "max_steps": 6, "gradient_accumulation_steps": 2, "checkpoint_every": 3,
+                       "report_to": []},
+             "optim": {"lr": 0.003, "warmup_steps": 2},
+             "validation": {"every": 100}}
     full = tmp_path / "full"
     assert main(["train-reward", "--config", str(config(data, full, **small))]) == 0
     part = tmp_path / "part"
     cfg = config(data, part, **small)
-    assert main(["train-reward", "--config", str(cfg), "optim.max_steps=3"]) == 0  # "killed" after step 3
-    assert main(["train-reward", "--config", str(cfg)]) == 0  # resumes from checkpoints/step-0000003
+    assert main(["train-reward", "--config", str(cfg), "--stop-after-steps", "4"]) == 0  # "killed" after step 4
+    assert (part / "checkpoints" / "checkpoint-000004").is_dir() and not (part / "reward").exists()
+    assert main(["train-reward", "--config", str(cfg), "--resume", "latest"]) == 0
     a = load_file(str(full / "reward" / "model.safetensors"))
     b = load_file(str(part / "reward" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses(part) == losses(full)
+    assert _losses(part) == _losses(full) and len(_losses(full)) == 6
+
+
+def test_train_reward_is_the_reward_method_of_imgalign_train(data, tmp_path, capsys):
+    """One skeleton, one vocabulary: `train reward` == `train-reward`; old keys name their new place."""
+    small = {"train": {"batch_size": 8, "max_steps": 2, "report_to": []}, "validation": {"every": 0}}
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train-reward", "--config", str(config(data, a, **small))]) == 0
+    assert main(["train", "reward", "--config", str(config(data, b, **small))]) == 0
+    assert _losses(a) == _losses(b)
+    assert (a / "config.yaml").is_file() and "method: reward" in (a / "config.yaml").read_text()
+    capsys.readouterr()
+    for old, new in (("optim.grad_accum=2", "train.gradient_accumulation_steps"), ("run.resume=auto", "--resume"),
+                     ("model.lora_rank=4", "lora.rank"), ("optim.batch_size=4", "train.batch_size")):  # fmt: skip
+        assert main(["train-reward", "--config", str(config(data, tmp_path / "old", **small)), old]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and old.split("=")[0] in err[0] and new in err[0], err
 
 
 def test_lora_with_uncertainty_head_and_aspects(data, tmp_path):
     out = tmp_path / "lora"
-    cfg = config(data, out, model={"mode": "lora", "new_head": True, "outputs": "uncertainty", "aspects": ["red"],
-                                   "lora_rank": 2},
+    cfg = config(data, out, model={"mode": "lora", "new_head": True, "outputs": "uncertainty", "aspects": ["red"]},
+                 lora={"rank": 2},
                  loss={"kind": "uncertainty", "estimator": "monte-carlo", "num_samples": 64},
-                 optim={"lr": 0.003, "batch_size": 4, "max_steps": 2},
-                 run={"validate_every": 2, "checkpoint_every": 2, "cpu": True})
+                 train={"batch_size": 4, "max_steps": 2, "checkpoint_every": 2, "report_to": []},
+                 validation={"every": 2})
     assert main(["train-reward", "--config", str(cfg)]) == 0
     saved = load_file(str(out / "reward" / "model.safetensors"))
     assert any("lora_A" in k for k in saved) and any(k.startswith("head.") for k in saved)
@@ -149,7 +173,7 @@ def test_train_from_parquet_paths_and_bytes(data, tmp_path):
                 for r in records]
     as_bytes[0]["label"] = None  # an unlabelled pair: None in Parquet, like a missing key in JSONL
     pq.write_table(pa.Table.from_pylist(as_bytes), str(tmp_path / "train_bytes.parquet"))
-    cfg = DataConfig(image_size=32)
+    cfg = PairDataConfig(image_size=32)
     reference = load_pairs(str(data / "train.jsonl"), cfg, ["red"])
     for path in (data / "train.parquet", tmp_path / "train_bytes.parquet"):
         pairs = load_pairs(str(path), cfg, ["red"])
@@ -161,8 +185,8 @@ def test_train_from_parquet_paths_and_bytes(data, tmp_path):
     assert np.isnan(pairs[0].target) and pairs[1].target == reference[1].target
     out = tmp_path / "pq"
     cfg_file = config(data, out, data={"train": str(tmp_path / "train_bytes.parquet")},
-                      optim={"lr": 0.003, "batch_size": 8, "max_steps": 2},
-                      run={"validate_every": 2, "checkpoint_every": 2, "cpu": True})
+                      train={"batch_size": 8, "max_steps": 2, "checkpoint_every": 2, "report_to": []},
+                      validation={"every": 2})
     assert main(["train-reward", "--config", str(cfg_file)]) == 0
     assert isinstance(rewards.load(str(out / "reward")), rewards.training.TrainableReward)
 

@@ -29,9 +29,13 @@ from imgalign.cli import main
 from imgalign.images import save_png
 from imgalign.train import reward_backprop as rb
 from imgalign.train.checkpoint import list_checkpoints
-from imgalign.train.config import ConfigError, load_config, parse_overrides
+from imgalign.train.config import ConfigError, LoraConfig, load_config, load_yaml, parse_overrides
+from imgalign.train.data import Batch
 from imgalign.train.forward_process import noise_to_step, target_at_step
-from imgalign.train.loop import step_generators
+from imgalign.train.loop import TrainingDiverged, setup_trainable, step_generators
+from imgalign.train.pipeline import build_data, encode, score
+from imgalign.train.registry import load_method_config
+from imgalign.train.run import MicroStep, train
 from pipelines.architectures import build_pipeline
 from rewards import Reward, RewardInfo
 
@@ -149,20 +153,20 @@ GRADIENT_CASES = [
 @pytest.mark.parametrize(("method", "family", "extra"), GRADIENT_CASES, ids=[f"{m}-{f}" for m, f, _ in GRADIENT_CASES])
 def test_gradient_reaches_lora_for_every_method_and_family(method, family, extra, image_folder, tmp_path):
     adapter = pipelines.load(build_pipeline(family, "tiny"))
-    named = rb.setup_trainable(adapter, rb.LoraConfig(rank=4))
+    named = setup_trainable(adapter, LoraConfig(rank=4))
     edit = adapter.is_edit
     overrides = {"pipeline": "unused", "reward": "test-red-edit" if edit else "test-red", "sampling.num_steps": 6,
                  "sampling.height": SIZE, "sampling.width": SIZE, "refl.window": [3, 5],
                  "imagerefl.start_step": 2, "imagerefl.window": [3, 5], "data.images": str(image_folder), **extra}  # fmt: skip
     cfg = load_config(rb.RewardBackpropConfig, None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()], method=method)
-    data = rb.build_data(cfg, adapter, 1, SIZE, SIZE) if (edit or method == "imagerefl") else None
-    batch = data.batch(0) if data else rb.Batch(PROMPTS[:2])
-    cond = rb.encode(adapter, cfg, batch.prompts, batch.images)
+    data = build_data(cfg, adapter, 1, SIZE, SIZE, images=True) if (edit or method == "imagerefl") else None
+    batch = data.batch(0) if data else Batch(PROMPTS[:2])
+    cond = encode(adapter, cfg, batch.prompts, batch.images)
     schedule = adapter.schedule(6, height=SIZE, width=SIZE)
-    ctx = rb.StepContext(adapter, cfg, cond, schedule, batch, seed_step=0, process_index=0)
-    sampled = rb.SAMPLERS[method](ctx)
+    ctx = rb.StepContext(adapter, cfg, cond, schedule, batch, MicroStep(step=0, index=0, process_index=0, seed=0))
+    sampled = rb.SAMPLE_FOR_METHOD[method](ctx)
     reward = rewards.load(cfg.reward)
-    r = rb.score(reward, sampled)
+    r = score(reward, sampled.images, sampled.prompts, sampled.source_images)
     similarity = None
     if cfg.imagerefl.regularizer and method == "imagerefl":
         similarity = rewards.load(cfg.imagerefl.regularizer)(sampled.images, None, reference_images=batch.images)
@@ -177,7 +181,7 @@ def test_gradient_reaches_lora_for_every_method_and_family(method, family, extra
 
 def test_full_fine_tuning_trains_every_denoiser_weight():
     adapter = pipelines.load(build_pipeline("sd15", "tiny"))
-    named = rb.setup_trainable(adapter, rb.LoraConfig(enabled=False))
+    named = setup_trainable(adapter, LoraConfig(enabled=False))
     assert len(named) == len(list(adapter.denoiser.parameters()))
     assert not any(p.requires_grad for p in adapter.vae.parameters())
 
@@ -204,7 +208,7 @@ def trained_red(pipe_dirs, tmp_path_factory):
     overrides = _overrides(pipe_dirs["sd15"], out, refl__margin="null", refl__scale=1.0, optim__lr=1e-2,
                            train__max_steps=12, validation__every=6, validation__num_images=2,
                            train__report_to="[tensorboard]")  # fmt: skip
-    result = rb.train(rb.load_reward_backprop_config(None, overrides, "refl"))
+    result = train(load_method_config("refl", None, overrides))
     return out, result
 
 
@@ -246,12 +250,12 @@ def test_resume_reproduces_the_uninterrupted_run(pipe_dirs, tmp_path):
                  optim__warmup_steps=2, model__scheduler="ddpm",  # DDPM: stochastic scheduler steps too
                  reward="{test-red: 1.0, test-bright: 0.5}")  # composite: running statistics are state  # fmt: skip
     full, parts = tmp_path / "full", tmp_path / "parts"
-    rb.train(rb.load_reward_backprop_config(None, _overrides(pipe_dirs["sd15"], full, **extra), "refl"))
-    cfg = rb.load_reward_backprop_config(None, _overrides(pipe_dirs["sd15"], parts, **extra), "refl")
-    stopped = rb.train(cfg, stop_after_steps=3)
+    train(load_method_config("refl", None, _overrides(pipe_dirs["sd15"], full, **extra)))
+    cfg = load_method_config("refl", None, _overrides(pipe_dirs["sd15"], parts, **extra))
+    stopped = train(cfg, stop_after_steps=3)
     assert stopped.step == 3 and stopped.weights_dir is None
     assert [p.name for p in list_checkpoints(parts / "checkpoints")] == ["checkpoint-000002", "checkpoint-000003"]
-    resumed = rb.train(cfg, resume="latest")
+    resumed = train(cfg, resume="latest")
     assert resumed.step == 6
     a, b = _metrics(full), _metrics(parts)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
@@ -268,7 +272,7 @@ def test_refl_with_alternating_pretraining_steps(pipe_dirs, image_folder, tmp_pa
     out = tmp_path / "pretrain"
     overrides = _overrides(pipe_dirs["sd15"], out, train__max_steps=2, refl__pretrain_weight=1.0,
                            refl__pretrain_alternate="true", data__pretrain_images=str(image_folder))  # fmt: skip
-    result = rb.train(rb.load_reward_backprop_config(None, overrides, "refl"))
+    result = train(load_method_config("refl", None, overrides))
     first, second = _metrics(out)
     assert "reward_mean" in first and "pretrain_loss" not in first  # a ReFL step
     assert "pretrain_loss" in second and "reward_mean" not in second and second["grad_norm"] > 0  # a pre-training step
@@ -290,9 +294,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_inta
     out = tmp_path / "nan"
     overrides = _overrides(pipe_dirs["sd15"], out, reward="test-nan-after", train__max_steps=10,
                            train__checkpoint_every=2, train__max_nonfinite_steps=2)  # fmt: skip
-    cfg = rb.load_reward_backprop_config(None, overrides, "refl")
-    with pytest.raises(rb.TrainingDiverged, match="2 non-finite steps in a row.*checkpoint-000002"):
-        rb.train(cfg)
+    cfg = load_method_config("refl", None, overrides)
+    with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row.*checkpoint-000002"):
+        train(cfg)
     metrics = _metrics(out)
     assert [m["skipped"] for m in metrics] == [0.0, 0.0, 1.0, 1.0]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-000002"]
@@ -311,7 +315,7 @@ def test_config_overrides_types_and_errors():
     with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
         load_config(rb.RewardBackpropConfig, None, ["train.max_steps=ten"])
     with pytest.raises(ValueError, match="refl.window"):
-        rb.load_reward_backprop_config(None, ["pipeline=p", "reward=r", "sampling.num_steps=10"], "refl")
+        load_method_config("refl", None, ["pipeline=p", "reward=r", "sampling.num_steps=10"])
 
 
 def test_train_cli_prints_config_and_reports_bad_input_in_one_line(tmp_path, capsys):
@@ -343,10 +347,10 @@ def test_every_recipe_is_covered():
 def test_shapes_recipe_runs_as_shipped(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe names the shipped weights relative to the checkout
     path = ROOT / "recipes" / recipe
-    method = rb.load_reward_backprop_config(path, [], None).method
+    method = load_yaml(path)["method"]
     overrides = [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2", "sampling.num_steps=6",
                  "validation.num_images=2"]  # fmt: skip
-    result = rb.train(rb.load_reward_backprop_config(path, overrides, method))
+    result = train(load_method_config(method, path, overrides))
     assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()
 
 
@@ -354,8 +358,8 @@ def test_shapes_recipe_runs_as_shipped(recipe, tmp_path, monkeypatch):
 def test_recipe_resolves_and_runs_two_steps_with_tiny_stand_ins(recipe, pipe_dirs, image_folder, tmp_path):
     path = ROOT / "recipes" / recipe
     family = RECIPE_FAMILIES[recipe]
-    method = rb.load_reward_backprop_config(path, [], None).method
-    published = rb.load_reward_backprop_config(path, [], method)  # resolves as shipped
+    method = load_yaml(path)["method"]
+    published = load_method_config(method, path, [])  # resolves as shipped
     edit = family == "instruct-pix2pix"
     if edit:
         assert published.reward == "editreward"  # swapped below: the registry may not have it yet
@@ -366,7 +370,7 @@ def test_recipe_resolves_and_runs_two_steps_with_tiny_stand_ins(recipe, pipe_dir
         "train.checkpoint_every=1", "validation.every=0", "validation.num_images=1",
         f"data.prompts={json.dumps(PROMPTS)}", f"data.images={image_folder}",
     ]  # fmt: skip
-    result = rb.train(rb.load_reward_backprop_config(path, overrides, method))
+    result = train(load_method_config(method, path, overrides))
     assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()
     assert all(m.get("skipped", 0) == 0 for m in result.metrics)
 

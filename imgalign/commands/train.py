@@ -1,10 +1,12 @@
-"""``imgalign train METHOD --config RECIPE [key=value ...]``: fine-tune a pipeline on a reward.
+"""``imgalign train METHOD --config RECIPE [key=value ...]``: run a registered training method.
 
     imgalign train refl --config recipes/sd15_hpsv2_refl.yaml output_dir=runs/refl optim.lr=2e-5
     imgalign train refl --config recipes/sd15_hpsv2_refl.yaml output_dir=runs/refl --resume latest
     accelerate launch --num_processes 2 -m imgalign.cli train draft --config recipes/sdxl_pickscore_draft_lv.yaml
 
 Overrides use dotted keys and YAML values (``refl.window=[30,39]``, ``reward={hpsv2.1: 1, clip: 0.5}``).
+The methods are the registry's (:mod:`imgalign.train.registry`); ``imgalign train --help``
+lists them.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ import re
 
 from . import CommandError
 
-HELP = "Fine-tune a pipeline on a differentiable reward (refl, draft, imagerefl)."
-
-METHODS = {
-    "refl": "ReFL (Xu et al. 2023): one gradient step at a random late step, x0 -> reward",
-    "draft": "DRaFT-K / DRaFT-LV (Clark et al. 2024), AlignProp truncation (Prabhudesai et al. 2023)",
-    "imagerefl": "ImageReFL (Sorokin et al. 2025): ReFL from real images + denoising loss",
-}
+HELP = "Train with a registered method (reward backprop: refl, draft, imagerefl; reward models: reward)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("method", choices=sorted(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    from ..train.registry import available_methods
+
+    methods = available_methods()
+    parser.add_argument("method", choices=list(methods), metavar="METHOD",
+                        help="; ".join(f"{k}: {v}" for k, v in methods.items()))  # fmt: skip
+    add_run_arguments(parser)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training command shares (``train`` and ``train-reward``)."""
     parser.add_argument("--config", help="a YAML recipe (see recipes/)")
     parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir) or a checkpoint directory")
     parser.add_argument("--stop-after-steps", type=int, default=None,
@@ -61,12 +66,18 @@ class _OverridesAfterOptionsParser(argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_method(args.method, args)
+
+
+def run_method(name: str, args: argparse.Namespace) -> int:
+    """Load the method's config, then train it on the run skeleton (one-line errors, exit 2)."""
     from ..train.config import ConfigError, to_yaml
     from ..train.loop import TrainingDiverged
-    from ..train.reward_backprop import load_reward_backprop_config, train
+    from ..train.registry import load_method_config
+    from ..train.run import train
 
     try:
-        cfg = load_reward_backprop_config(args.config, args.overrides, args.method)
+        cfg = load_method_config(name, args.config, args.overrides)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     if args.print_config:
@@ -77,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         raise CommandError(str(exc)) from None
     if result.weights_dir is not None:
-        print(f"trained {result.step} steps; weights: {result.weights_dir}; config: {result.output_dir / 'config.yaml'}")
+        print(f"trained {result.step} steps; output: {result.weights_dir}; config: {result.output_dir / 'config.yaml'}")
     else:
         print(f"stopped at step {result.step}; resume with --resume latest")
     return 0

@@ -56,13 +56,14 @@ class BuildSettings:
         return {} if self.shipped else {"checkpoint": str((self.out / "clip").resolve())}
 
 
-def _train_reward(config: dict, log: Callable[[str], None]) -> tuple[Path, dict]:
-    from rewards.training import RewardTrainingConfig, train_reward
-
+def _train_reward(config: dict) -> tuple[Path, dict]:
+    """``imgalign train-reward`` with ``config``: the reward's directory and its last validation."""
     from ..train.config import from_dict
+    from ..train.reward_model import RewardModelTrainingConfig
+    from ..train.run import train
 
-    reward_dir = train_reward(from_dict(RewardTrainingConfig, config), log=log)
-    lines = (Path(config["run"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+    reward_dir = train(from_dict(RewardModelTrainingConfig, config)).weights_dir
+    lines = (Path(config["output_dir"]) / "metrics.jsonl").read_text().splitlines()
     last = [json.loads(line) for line in lines if "val_accuracy" in line][-1]
     metrics = {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")}
     return reward_dir, metrics
@@ -115,7 +116,7 @@ def build_preference(s: BuildSettings, log) -> dict:
         val = make_preference_data(work / "val", val_prompts, seed=s.seed + 1, **common)
         config = training_config(str(train), str(val), str(work / "run"), steps=s.steps(1500), seed=s.seed)
         config["model"]["reward"]["options"] = s.clip_options()
-        reward_dir, metrics = _train_reward(config, log)
+        reward_dir, metrics = _train_reward(config)
         _replace_dir(reward_dir, s.out / "preference")
     return metrics
 
@@ -137,7 +138,7 @@ def build_edit_reward(s: BuildSettings, log) -> dict:
         val = make_edit_preference_data(work / "val", s.count(100, 4), s.seed + 1, split="heldout", **common)
         config = training_config(str(train), str(val), str(work / "run"), steps=s.steps(600), seed=s.seed)
         config["model"]["reward"]["options"] = {"clip": str((s.out / "clip").resolve())} if not s.shipped else {}
-        reward_dir, metrics = _train_reward(config, log)
+        reward_dir, metrics = _train_reward(config)
         _replace_dir(reward_dir, s.out / "edit_reward")
     return metrics
 

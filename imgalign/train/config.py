@@ -7,7 +7,10 @@ dotted key and the known alternatives, not in the middle of a run. The resolved 
 written next to the outputs (``to_yaml``) so a run can be reproduced from its directory.
 
 The sections here are method-agnostic (model, LoRA, optimiser, loop, sampling, data,
-validation); each trainer adds its own method section and a top-level dataclass.
+validation). Every trainer's top-level config extends :class:`TrainingConfig` (the method,
+the output directory, ``train.*``, ``optim.*``, ``validation.*``); trainers of diffusion
+pipelines extend :class:`PipelineTrainingConfig`, and each method adds its own section.
+Keys that were renamed fail with a one-line error naming the new key (``RENAMED_KEYS``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 T = TypeVar("T")
+C = TypeVar("C", bound="TrainingConfig")
 
 
 class ConfigError(ValueError):
@@ -106,12 +110,64 @@ class DataConfig:
 
 @dataclass
 class ValidationConfig:
-    """A fixed-seed image grid every ``every`` steps (and at the end)."""
+    """Validation every ``every`` optimizer steps (and at step 0 and at the end)."""
 
-    every: int = 0  # 0: only at the end (if num_images > 0)
+    every: int = 0  # 0: only at the end
+
+
+@dataclass
+class ImageValidationConfig(ValidationConfig):
+    """A fixed-seed image grid (and its reward) every ``every`` steps and at the end."""
+
     prompts: list[str] | None = None  # default: the first training prompts
     num_images: int = 4
     seed: int = 1234
+
+
+# ============================================================================ top-level configs
+@dataclass
+class TrainingConfig:
+    """What every trainer's config has (``imgalign train METHOD`` and ``imgalign train-reward``)."""
+
+    method: str = ""  # the registry name; a recipe's ``method:`` must match the command's
+    output_dir: str = "runs/train"
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class PipelineTrainingConfig(TrainingConfig):
+    """Trainers of a diffusion pipeline: which pipeline, reward and data, and how to sample."""
+
+    pipeline: str = ""  # pipeline directory, hub id or a named pipeline ("shapes")
+    reward: str | dict[str, float] = ""  # a registered reward, "a=1,b=0.5", or {name: weight}
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ImageValidationConfig = field(default_factory=ImageValidationConfig)
+
+
+#: Keys that moved when every trainer adopted one vocabulary: ``old dotted key -> new``.
+RENAMED_KEYS = {
+    "run.output_dir": "output_dir",
+    "run.seed": "train.seed",
+    "run.mixed_precision": "train.mixed_precision",
+    "run.cpu": "accelerate's --cpu (or CUDA_VISIBLE_DEVICES=)",
+    "run.validate_every": "validation.every",
+    "run.checkpoint_every": "train.checkpoint_every",
+    "run.keep_checkpoints": "train.checkpoints_total_limit",
+    "run.resume": "the --resume latest|PATH option",
+    "run.eval_batch_size": "validation.batch_size",
+    "optim.batch_size": "train.batch_size",
+    "optim.grad_accum": "train.gradient_accumulation_steps",
+    "optim.max_steps": "train.max_steps",
+    "model.lora_rank": "lora.rank",
+    "model.lora_alpha": "lora.alpha",
+    "model.lora_targets": "lora.target_modules",
+}
 
 
 # ============================================================================ loading
@@ -126,7 +182,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f"; did you mean {_join(path, close[0])!r}?" if close else f"; known keys: {', '.join(fields)}"
         raise ConfigError(f"unknown config key {_join(path, key)!r}{hint}")
-    kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default_factory
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping) and default is not dataclasses.MISSING:
+            # A partial section keeps the config's own defaults for that section (a trainer may
+            # default e.g. lora.target_modules or train.max_steps differently from the section class).
+            value = {**dataclasses.asdict(default()), **value}
+        kwargs[name] = _coerce(hints[name], value, _join(path, name))
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -250,10 +313,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_renamed_keys(data: Mapping[str, Any], renamed: Mapping[str, str] = RENAMED_KEYS) -> None:
+    """A one-line error for a key that was renamed, naming the new one."""
+    for old, new in renamed.items():
+        node: Any = data
+        for part in old.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            raise ConfigError(f"config key {old!r} was renamed: use {new}")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), **fixed: Any) -> T:
     """Recipe file (optional) + overrides + fixed keys (e.g. the method from the command)."""
     data = load_yaml(path) if path is not None else {}
     data = merge(data, parse_overrides(overrides))
+    check_renamed_keys(data)
     for key, value in fixed.items():
         if key in data and data[key] != value:
             raise ConfigError(f"the recipe says {key}: {data[key]!r} but the command asks for {value!r}")

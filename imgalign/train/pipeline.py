@@ -1,0 +1,174 @@
+"""What every trainer of a diffusion pipeline sets up: the adapter, its trainable weights, the reward, the data.
+
+:func:`setup_pipeline` is the ``setup`` half of a pipeline method (reward backprop, and the
+preference and RL methods): it loads the pipeline through :func:`pipelines.load`, adds LoRA
+(or unfreezes the denoiser), loads the reward and builds step-addressed data, and returns a
+:class:`PipelineTrainee` whose validation (a fixed-seed image grid and its reward) and
+outputs (a diffusers LoRA, or the whole pipeline) the run skeleton calls. Methods that need
+more keep a subclass of it in their own recipe file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import pipelines
+import rewards
+from pipelines import Conditioning, DiffusionAdapter
+
+from .config import PipelineTrainingConfig
+from .data import Batch, ImageCaptionData, PromptData, StepIndexedSampler, load_resized, read_image_folder, read_prompts
+from .loop import setup_trainable, weight_dtype
+from .run import Run, Trainee
+
+
+@dataclass
+class PipelineTrainee(Trainee):
+    """A pipeline being trained: the adapter, its trainable weights, the reward and the data."""
+
+    cfg: PipelineTrainingConfig
+    adapter: DiffusionAdapter
+    trainable: dict[str, torch.nn.Parameter]
+    reward: rewards.Reward | None
+    data: PromptData | ImageCaptionData
+    height: int
+    width: int
+
+    def encode(self, prompts: list[str], source: torch.Tensor | None, *, guidance: bool = True) -> Conditioning:
+        return encode(self.adapter, self.cfg, prompts, source, guidance=guidance)
+
+    def validate(self, step: int) -> tuple[dict[str, float], torch.Tensor | None]:
+        if self.cfg.validation.num_images < 1:
+            return {}, None
+        images, batch = validation_images(self)
+        if self.reward is None:
+            return {}, images
+        was_training = self.reward.training
+        self.reward.eval()
+        with torch.no_grad():
+            values = score(self.reward, images, batch.prompts, batch.images)
+        self.reward.train(was_training)
+        return {"val_reward_mean": float(values.mean()), "val_reward_std": float(values.std(unbiased=False))}, images
+
+    def save(self, output_dir: Path) -> Path:
+        """The LoRA in the diffusers format, or the whole fine-tuned pipeline."""
+        if self.cfg.lora.enabled:
+            return pipelines.save_lora(self.adapter, output_dir / "lora")
+        path = output_dir / "pipeline"
+        self.adapter.denoiser = pipelines.unwrap_model(self.adapter.denoiser)
+        self.adapter.pipe.save_pretrained(path, safe_serialization=True)
+        return path
+
+    def moving_state(self) -> dict[str, torch.nn.Module]:
+        return {} if self.reward is None else {"reward": self.reward}
+
+
+def setup_pipeline(run: Run, *, needs_reward: bool = True, needs_images: bool = False,
+                   trainee_class: type[PipelineTrainee] = PipelineTrainee, **extra: Any) -> PipelineTrainee:  # fmt: skip
+    """Load the pipeline, add LoRA, load the reward, build the data (``needs_images``: image/caption folder).
+
+    ``trainee_class`` and ``extra`` let a method keep its own fields on a subclass.
+    """
+    cfg: PipelineTrainingConfig = run.cfg
+    loop = cfg.train
+    adapter = pipelines.load(cfg.pipeline, dtype=weight_dtype(cfg.model.dtype, loop.mixed_precision),
+                             device=run.device, attention=cfg.model.attention)  # fmt: skip
+    if cfg.model.scheduler:
+        adapter.set_scheduler(cfg.model.scheduler)
+    trainable = setup_trainable(adapter, cfg.lora)
+    if loop.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing(vae=loop.vae_checkpointing)
+    adapter.vae_checkpointing = loop.vae_checkpointing
+    pipelines.unwrap_model(adapter.denoiser).train()
+
+    reward = None
+    if needs_reward:
+        reward = rewards.load(cfg.reward, **cfg.reward_options).to(run.device)
+        reward.requires_grad_(False)
+        reward.train()  # only updates a composite's running statistics; networks stay in eval
+    height, width = adapter.check_size(cfg.sampling.height, cfg.sampling.width)
+    data = build_data(cfg, adapter, run.num_processes, height, width, images=needs_images)
+    return trainee_class(cfg=cfg, adapter=adapter, trainable=trainable, reward=reward, data=data, height=height,
+                         width=width, **extra)  # fmt: skip
+
+
+def build_data(cfg: PipelineTrainingConfig, adapter: DiffusionAdapter, num_processes: int, height: int, width: int,
+               *, images: bool = False) -> PromptData | ImageCaptionData:  # fmt: skip
+    """Prompts, or an image/caption folder for edit models and for methods that train on real images."""
+    B = cfg.train.batch_size
+    if images or adapter.is_edit:
+        if not cfg.data.images:
+            what = "source images + instructions" if adapter.is_edit else "real images + captions"
+            raise ValueError(f"{adapter.family} / {cfg.method} needs data.images=<folder of {what}>")
+        items = read_image_folder(cfg.data.images)
+        return ImageCaptionData(items, StepIndexedSampler(len(items), B, num_processes, cfg.train.seed), height, width)
+    prompts = read_prompts(cfg.data.prompts)
+    if not prompts:
+        raise ValueError("no training prompts: set data.prompts=[...] or data.prompts=<text file>")
+    return PromptData(prompts, StepIndexedSampler(len(prompts), B, num_processes, cfg.train.seed))
+
+
+def encode(adapter: DiffusionAdapter, cfg: PipelineTrainingConfig, prompts: list[str], source: torch.Tensor | None,
+           *, guidance: bool = True) -> Conditioning:  # fmt: skip
+    """Prompt (and edit source) conditioning, without gradient (the encoders are frozen)."""
+    kwargs: dict[str, Any] = {}
+    if cfg.sampling.guidance_scale is not None:
+        kwargs["guidance_scale"] = cfg.sampling.guidance_scale
+    if not guidance:
+        kwargs["guidance_scale"] = 1.0
+    if cfg.sampling.negative_prompt is not None:
+        kwargs["negative_prompt"] = cfg.sampling.negative_prompt
+    if adapter.is_edit:
+        kwargs["image"] = source.to(adapter.device)
+        if "image_guidance_scale" in inspect.signature(adapter.encode_prompt).parameters:  # IP2P-style models
+            kwargs["image_guidance_scale"] = cfg.sampling.image_guidance_scale
+    with torch.no_grad():
+        return adapter.encode_prompt(prompts, **kwargs)
+
+
+def score(reward: rewards.Reward, images: torch.Tensor, prompts: list[str],
+          source_images: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The reward with only the conditioning inputs it declares."""
+    cond = {}
+    if "source_images" in reward.info.inputs:
+        if source_images is None:
+            raise ValueError(f"reward {reward.name!r} needs source images: train an edit model with data.images")
+        cond["source_images"] = source_images.to(images.device)
+    return reward(images, prompts, **cond)
+
+
+def validation_images(trainee: PipelineTrainee) -> tuple[torch.Tensor, Batch]:
+    """Fixed-seed images of the validation prompts (the same every time), and the batch they came from."""
+    cfg, adapter, data = trainee.cfg, trainee.adapter, trainee.data
+    v, height, width = cfg.validation, trainee.height, trainee.width
+    if isinstance(data, ImageCaptionData):
+        n = min(v.num_images, len(data.items))
+        picked = [data.items[i] for i in range(n)]
+        source = torch.stack([load_resized(item.path, height, width) for item in picked])
+        prompts = v.prompts[:n] if v.prompts else [item.text for item in picked]
+        batch = Batch(prompts, source)
+    else:
+        base = v.prompts or data.prompts
+        batch = Batch([base[i % len(base)] for i in range(v.num_images)], None)
+    generators = [torch.Generator("cpu").manual_seed(v.seed + i) for i in range(len(batch.prompts))]
+    denoiser = pipelines.unwrap_model(adapter.denoiser)
+    was_training = denoiser.training
+    denoiser.eval()
+    with torch.no_grad():
+        cond = encode(adapter, cfg, batch.prompts, batch.images)
+        sched = adapter.schedule(cfg.sampling.num_steps, height=height, width=width)
+        x = adapter.prepare_latents(len(batch.prompts), height, width, generator=generators)
+        step_noise = [torch.Generator("cpu").manual_seed(v.seed + 10_000 + i) for i in range(len(batch.prompts))]
+        for i in range(len(sched)):
+            x = adapter.step(adapter.predict(x, sched, i, cond), sched, i, x, generator=step_noise)
+        images = adapter.decode(x)
+    denoiser.train(was_training)
+    return images, batch
+
+
+__all__ = ["PipelineTrainee", "build_data", "encode", "score", "setup_pipeline", "validation_images"]

@@ -378,26 +378,48 @@ def test_recipe_resolves_and_runs_two_steps_with_tiny_stand_ins(recipe, pipe_dir
 # ----------------------------------------------------------------------------- multi-process
 @pytest.mark.slow
 def test_two_process_cpu_accelerate_launch(pipe_dirs, tmp_path):
-    """Two CPU processes under ``accelerate launch``: runs, averages gradients, saves one LoRA.
+    """Two CPU processes under ``accelerate launch``: both end with the same weights, having drawn different noise.
 
     accelerate 1.15's ``--cpu`` with ``--num_processes 2`` starts a single process unless an
     mpirun hostfile is configured; ``--multi_gpu`` on a machine with no visible GPU starts two
     torchrun workers that accelerate runs as MULTI_CPU (gloo), which is what is tested here.
+    The launched script wraps the registered method's setup to keep, per process, its initial
+    latents and its final trainable weights.
     """
     script = tmp_path / "launch_train.py"
     script.write_text(textwrap.dedent(f"""
-        import sys
+        import dataclasses, sys
         sys.path.insert(0, {str(ROOT)!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import torch
+        from safetensors.torch import save_file
         torch.set_num_threads(1)
         import test_train_reward_backprop  # registers the tiny rewards
         from imgalign.cli import main
-        sys.exit(main(sys.argv[1:]))
+        from imgalign.train import get_method, register_method
+
+        method, kept = get_method("refl"), {{}}
+
+        def setup(run):
+            trainee = method.setup(run)
+            prepare = trainee.adapter.prepare_latents
+            def recorded(*args, **kwargs):
+                latents = prepare(*args, **kwargs)
+                kept.setdefault("latents", latents.detach().clone())
+                return latents
+            trainee.adapter.prepare_latents = recorded
+            kept["trainee"], kept["rank"] = trainee, run.process_index
+            return trainee
+
+        register_method(dataclasses.replace(method, setup=setup), overwrite=True)
+        code = main(sys.argv[1:])
+        state = {{n: p.detach().contiguous() for n, p in kept["trainee"].trainable.items()}}
+        save_file({{**state, "first_latents": kept["latents"].contiguous()}}, sys.argv[-1].split("=", 1)[1] + f"/rank-{{kept['rank']}}.safetensors")
+        sys.exit(code)
     """))
     out = tmp_path / "ddp"
     args = ["train", "refl", *_overrides(pipe_dirs["sd15"], out, train__max_steps=2, train__batch_size=1,
-                                         train__checkpoint_every=2)]  # fmt: skip
+                                         train__checkpoint_every=2), f"output_dir={out}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -407,5 +429,12 @@ def test_two_process_cpu_accelerate_launch(pipe_dirs, tmp_path):
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]  # one writer (the main process)
-    assert all(m["reward_std"] > 0 for m in metrics)  # gathered over processes that drew different noise
+    assert all(m["reward_std"] > 0 for m in metrics)  # gathered over processes
     assert (out / "checkpoints" / "checkpoint-000002" / "rng-1.json").is_file()  # every process saved its RNG
+    rank0, rank1 = load_file(out / "rank-0.safetensors"), load_file(out / "rank-1.safetensors")
+    assert not torch.equal(rank0.pop("first_latents"), rank1.pop("first_latents"))  # each process drew its own noise
+    assert rank0.keys() == rank1.keys() and any("lora_" in k for k in rank0)
+    for key in rank0:  # averaged gradients: the same update on both processes
+        assert torch.equal(rank0[key], rank1[key]), key
+    trained = [k for k in rank0 if "lora_B" in k]
+    assert any(rank0[k].abs().sum() > 0 for k in trained)  # LoRA B starts at zero: it trained

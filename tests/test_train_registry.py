@@ -16,7 +16,7 @@ from imgalign.cli import build_parser, main
 from imgalign.train import Method, available_methods, get_method, register_method
 from imgalign.train.config import PipelineTrainingConfig
 from imgalign.train.pipeline import setup_pipeline
-from imgalign.train.run import StepOutput
+from imgalign.train.run import StepLoss
 from pipelines.architectures import build_pipeline
 from rewards import Reward, RewardInfo
 
@@ -44,7 +44,7 @@ def toy_step(trainee, micro):
     n = len(batch.prompts)
     x = trainee.adapter.prepare_latents(n, trainee.height, trainee.width, generator=micro.generators("latents", n))
     out = trainee.adapter.predict(x, schedule, 0, cond)
-    return StepOutput(((out - trainee.cfg.toy.target) ** 2).mean())
+    return StepLoss(((out - trainee.cfg.toy.target) ** 2).mean())
 
 
 register_method(Method("toy", ToyConfig, setup=lambda run: setup_pipeline(run, needs_reward=False), step=toy_step,

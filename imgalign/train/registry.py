@@ -32,7 +32,7 @@ class Method:
     * ``config``: the top-level config dataclass (extends
       :class:`~imgalign.train.config.TrainingConfig`);
     * ``setup(run) -> Trainee``: load what trains and what it needs, once per run;
-    * ``step(trainee, micro) -> StepOutput``: SAMPLE / SCORE / the loss of one micro-batch;
+    * ``step(trainee, micro) -> StepLoss``: SAMPLE / SCORE / the loss of one micro-batch;
     * ``check(cfg)``: errors knowable before any model loads (a one-line ``ValueError``).
     """
 

@@ -56,7 +56,7 @@ from .forward_process import noise_to_step, target_at_step
 from .loop import randn_like_per_image
 from .pipeline import PipelineTrainee, score, setup_pipeline
 from .registry import Method
-from .run import MicroStep, Run, StepOutput
+from .run import MicroStep, Run, StepLoss
 
 RewardBackpropMethod = Literal["refl", "draft", "imagerefl"]
 
@@ -304,7 +304,7 @@ def pretraining_loss(ctx: StepContext) -> torch.Tensor:
 
 
 # ============================================================================ the step
-def reward_backprop_step(trainee: RewardBackpropTrainee, micro: MicroStep) -> StepOutput:
+def reward_backprop_step(trainee: RewardBackpropTrainee, micro: MicroStep) -> StepLoss:
     """One micro-batch of ReFL / DRaFT / ImageReFL (or, on ReFL's alternate steps, of pre-training)."""
     cfg, adapter = trainee.cfg, trainee.adapter
     pretrain_step = cfg.method == "refl" and cfg.refl.pretrain_alternate and micro.step % 2 == 1
@@ -315,7 +315,7 @@ def reward_backprop_step(trainee: RewardBackpropTrainee, micro: MicroStep) -> St
     ctx = StepContext(adapter, cfg, cond, schedule, batch, micro)
     if pretrain_step:
         loss = cfg.refl.pretrain_weight * pretraining_loss(ctx)
-        return StepOutput(loss, {"pretrain_loss": loss.detach()})
+        return StepLoss(loss, {"pretrain_loss": loss.detach()})
     sampled = SAMPLE_FOR_METHOD[cfg.method](ctx)
     # ---------------------------------------------------------------- SCORE
     r = score(trainee.reward, sampled.images, sampled.prompts, sampled.source_images)
@@ -331,7 +331,7 @@ def reward_backprop_step(trainee: RewardBackpropTrainee, micro: MicroStep) -> St
         p_loss = pretraining_loss(StepContext(adapter, cfg, p_cond, schedule, p_batch, micro))
         loss = loss + cfg.refl.pretrain_weight * p_loss
         parts["pretrain_loss"] = p_loss.detach()
-    return StepOutput(loss, {**sampled.metrics, **parts}, rewards=r)
+    return StepLoss(loss, {**sampled.metrics, **parts}, rewards=r)
 
 
 def method_loss(cfg: RewardBackpropConfig, r: torch.Tensor, sampled: Sampled,

@@ -39,7 +39,7 @@ from rewards.training import (
 from .config import LoopConfig, LoraConfig, OptimConfig, TrainingConfig, ValidationConfig
 from .data import StepIndexedSampler
 from .registry import Method
-from .run import MicroStep, Run, StepOutput, Trainee
+from .run import MicroStep, Run, StepLoss, Trainee
 
 
 # ============================================================================ config
@@ -125,7 +125,7 @@ def setup(run: Run) -> RewardModelTrainee:
 
 
 # ============================================================================ the step
-def reward_model_step(trainee: RewardModelTrainee, micro: MicroStep) -> StepOutput:
+def reward_model_step(trainee: RewardModelTrainee, micro: MicroStep) -> StepLoss:
     cfg, model = trainee.cfg, trainee.model
     # ---------------------------------------------------------------- SAMPLE
     chosen = trainee.sampler.indices(micro.index, micro.process_index)
@@ -135,7 +135,7 @@ def reward_model_step(trainee: RewardModelTrainee, micro: MicroStep) -> StepOutp
     out = model.outputs(batch["images"], prompts, **batch["cond"])
     # ---------------------------------------------------------------- LOSS
     loss = pair_loss(out.float(), batch, cfg.loss, generator=micro.generators("pair-loss", 1)[0])
-    return StepOutput(loss)
+    return StepLoss(loss)
 
 
 REWARD_MODEL = Method("reward", RewardModelTrainingConfig, setup=setup, step=reward_model_step, check=check_config)

@@ -12,7 +12,7 @@
               a reward directory)
 
 A method supplies only its config, its ``setup`` (returning a :class:`Trainee`) and its
-``step`` (returning a :class:`StepOutput`); see :mod:`imgalign.train.registry`. Randomness
+``step`` (returning a :class:`StepLoss`); see :mod:`imgalign.train.registry`. Randomness
 inside a step comes from :class:`MicroStep` (seeded from seed, micro-step, process and a
 stream name), so every process draws its own noise and a resumed run redraws exactly what
 the uninterrupted run drew.
@@ -90,7 +90,7 @@ class MicroStep:
 
 
 @dataclass
-class StepOutput:
+class StepLoss:
     """What a method's step returns: the loss to backpropagate and what to log."""
 
     loss: torch.Tensor
@@ -304,4 +304,4 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     return TrainResult(out_dir, state.step, weights_dir, history)
 
 
-__all__ = ["MicroStep", "Run", "StepOutput", "TrainResult", "Trainee", "TrainingDiverged", "ema_weights", "train"]
+__all__ = ["MicroStep", "Run", "StepLoss", "TrainResult", "Trainee", "TrainingDiverged", "ema_weights", "train"]

@@ -8,7 +8,8 @@ Why it is built this way:
 * **Resumable.** Results are written as they are produced, one small part file per batch
   (``parts/part-<first>-<last>.jsonl``, each written atomically). A restarted run reads the
   parts, skips the indices already done and scores only the rest, so no item is scored
-  twice and none is dropped, whatever moment the previous run was killed at.
+  twice and none is dropped, whatever moment the previous run was killed at. Tests stop a
+  run at a known point with ``IMGALIGN_FILTER_FAIL_AFTER_PARTS=N`` (see :data:`FAULT_ENV`).
 * **Data parallel.** Under ``accelerate launch`` each process takes every ``world``-th of the
   items still to do; the main process merges the parts once everyone is done. Selection
   happens only after the merge, so it does not depend on the number of processes.
@@ -22,21 +23,35 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from imgalign.io import atomic_write_bytes
 
-__all__ = ["FilterSpec", "run_filter", "select"]
+__all__ = ["FAULT_ENV", "FilterSpec", "InjectedFault", "run_filter", "select"]
 
 IMAGE_KEYS = ("image", "image_path", "edited_image", "path", "file", "file_name")
 PROMPT_KEYS = ("prompt", "instruction", "caption", "text")
 SOURCE_KEYS = ("source_image", "source", "input_image", "src_image")
 
-#: Test/debug hook: seconds to sleep after each written part (lets a test kill a run mid-way).
-THROTTLE_ENV = "IMGALIGN_FILTER_THROTTLE_S"
+#: Fault injection for tests: after this process has committed N parts, the run stops with
+#: :class:`InjectedFault`. The disk then holds what a kill at that moment would leave, so a
+#: resume test interrupts at a known point instead of racing a wall clock.
+FAULT_ENV = "IMGALIGN_FILTER_FAIL_AFTER_PARTS"
+
+
+class InjectedFault(RuntimeError):
+    """The stop asked for by :data:`FAULT_ENV`; never raised otherwise."""
+
+
+def _parts_before_fault() -> int | None:
+    value = os.environ.get(FAULT_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{FAULT_ENV} must be a number of parts >= 1, got {value!r}; unset it for a normal run")
+    return int(value)
 
 
 @dataclass
@@ -157,9 +172,9 @@ def score_items(reward, records: list[dict], indices: Sequence[int], spec: Filte
     keys = spec.resolved_keys
     base_dir = rewards.data.base_dir(spec.data)
     needs_source = "source_images" in reward.info.inputs
-    throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
+    fail_after = _parts_before_fault()
     with tqdm(total=len(indices), desc="filter", unit="item", disable=not show_progress) as bar:
-        for start in range(0, len(indices), spec.batch_size):
+        for written, start in enumerate(range(0, len(indices), spec.batch_size), start=1):
             batch = indices[start:start + spec.batch_size]
             results: dict[int, dict] = {}
             loaded = []
@@ -176,8 +191,8 @@ def score_items(reward, records: list[dict], indices: Sequence[int], spec: Filte
             results.update(_score_batch(reward, loaded))
             _write_part(out, [{"index": i, **results[i]} for i in batch])
             bar.update(len(batch))
-            if throttle:
-                time.sleep(throttle)
+            if written == fail_after:
+                raise InjectedFault(f"{FAULT_ENV}={fail_after}: stopped after {written} part(s), as asked")
 
 
 # -- selection -------------------------------------------------------------------------------

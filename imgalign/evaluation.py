@@ -83,9 +83,10 @@ def evaluate(
 ) -> EvalResult:
     """Generate and score. Image ``j`` of prompt ``p`` uses seed ``seed + p * K + j``.
 
-    ``sample(prompts, generators) -> images [B,3,H,W] in [0,1]``. Rewards with a
-    ``last_judgements`` attribute (the Shapes oracle) also contribute per-attribute accuracy,
-    and per-image aspects (``<name>/exact``, ``<name>/colour``, ...) for paired comparisons.
+    ``sample(prompts, generators) -> images [B,3,H,W] in [0,1]``. A reward whose optional
+    :meth:`rewards.Reward.details` gives a per-image breakdown (the Shapes oracle does) also
+    contributes its summary (``<name>/attributes``) and per-image aspects (``<name>/exact``,
+    ``<name>/colour``, ...) for paired comparisons.
     """
     from tqdm.auto import tqdm
 
@@ -102,20 +103,14 @@ def evaluate(
     texts = [p for p, _ in jobs]
     scores, details, aspects = {}, {}, {}
     for name, reward in rewards.items():
-        # A judge (the Shapes oracle) scores everything in one call so that its per-image
-        # judgements cover the whole set; model rewards go through their chunked path.
-        is_judge = hasattr(reward, "last_judgements")
         with torch.no_grad():
-            values = reward(all_images, texts) if is_judge else reward.score_batched(all_images, texts, batch_size=batch_size)
+            values = reward.score_batched(all_images, texts, batch_size=batch_size)
+            rows = reward.details(all_images, texts)  # over the whole set, so the summary covers every image
         scores[name] = values.float().cpu().numpy().reshape(len(prompts), k)
-        if is_judge:
-            judgements = reward.last_judgements
-            from imgalign.shapes.oracle import summarize
-            from imgalign.shapes.rewards import ASPECTS
-
-            details[f"{name}/attributes"] = summarize(judgements)
-            for aspect in ASPECTS:
-                per_image = np.array([float(getattr(j, aspect)) for j in judgements])
+        if rows is not None:
+            details[f"{name}/attributes"] = reward.summarize_details(rows)
+            for aspect in rows[0] if rows else ():
+                per_image = np.array([float(row[aspect]) for row in rows])
                 aspects[f"{name}/{aspect}"] = per_image.reshape(len(prompts), k)
     diversity = np.array([pairwise_diversity(all_images[i * k : (i + 1) * k]) for i in range(len(prompts))])
     return EvalResult(prompts, k, scores, diversity, details, all_images if keep_images else None, aspects)

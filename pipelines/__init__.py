@@ -5,8 +5,11 @@
     images = adapter.sample(["a red cube"], num_steps=28, guidance_scale=4.5,
                             generator=[torch.Generator("cpu").manual_seed(0)])
 
-``load`` accepts a local pipeline directory, a hub id (the hub cache is used when offline),
-or a diffusers pipeline already in memory, and picks the adapter from the pipeline class.
+``load`` accepts a registered name (``"shapes"``: see :mod:`pipelines.registry`), a local
+pipeline directory, a hub id (the hub cache is used when offline), or a diffusers pipeline
+already in memory, and picks the adapter from the pipeline class. Named pipelines come from
+``pipelines.register(name, factory)`` or from installed packages' ``imgalign.pipelines``
+entry points. This package never imports ``imgalign`` or ``rewards``.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any
 
 import torch
 
+from . import registry
 from .adapter import Conditioning, DiffusionAdapter, Schedule, cond_batch_size
 from .attention import BACKENDS, AttentionBackendError
 from .flow import FluxAdapter, FluxKontextAdapter, StableDiffusion3Adapter
-from .lora import add_lora, has_lora, load_lora, lora_disabled, lora_parameters, save_lora, set_lora_enabled, unwrap_model
+from .lora import add_lora, has_lora, load_lora, lora_disabled, lora_parameters, save_lora, unwrap_model
+from .registry import available, register
 from .shapes import ShapesAdapter, ShapesPipeline
 from .shapes_edit import ShapesEditAdapter, ShapesEditPipeline
 from .stable_diffusion import InstructPix2PixAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter
@@ -78,7 +83,12 @@ def load(
     attention: str = "sdpa",
     **from_pretrained_kwargs: Any,
 ) -> DiffusionAdapter:
-    """Wrap a pipeline object, or load one from a directory / hub id, in its family's adapter."""
+    """Wrap a pipeline object, or load one from a registered name / directory / hub id, in its family's adapter."""
+    if isinstance(source, str) and registry.is_registered(source):
+        adapter = registry.factory(source)(dtype=dtype, device=device, attention=attention, **from_pretrained_kwargs)
+        if not isinstance(adapter, DiffusionAdapter):
+            raise TypeError(f"the factory of pipeline {source!r} returned {type(adapter).__name__}, not a DiffusionAdapter")
+        return adapter
     if not isinstance(source, (str, os.PathLike)):
         adapter = adapter_for(type(source).__name__)(source)
     else:
@@ -127,6 +137,7 @@ __all__ = [
     "UnsupportedPipelineError",
     "add_lora",
     "adapter_for",
+    "available",
     "cond_batch_size",
     "ddim_step_with_logprob",
     "flow_cps_step_with_logprob",
@@ -137,8 +148,8 @@ __all__ = [
     "load_lora",
     "lora_disabled",
     "lora_parameters",
+    "register",
     "register_adapter",
     "save_lora",
-    "set_lora_enabled",
     "unwrap_model",
 ]

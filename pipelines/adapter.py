@@ -273,12 +273,12 @@ class DiffusionAdapter:
     ) -> torch.Tensor:
         """Deterministic step: exactly the pipeline's scheduler step from step ``i`` to ``i+1``.
 
-        Single-step schedulers (DDIM, Euler, flow-matching Euler) may be stepped from any
-        index; multistep ones (PNDM, DPM-Solver) keep history and must be stepped in order.
+        Single-step schedulers (DDIM, DDPM, Euler, flow-matching Euler) may be stepped from any
+        index; multistep ones (DPM-Solver, UniPC, DEIS, PNDM, LMS, Heun) build each step on
+        the earlier ones, so a step out of order raises instead of silently using the wrong history.
         """
         scheduler = self.scheduler
-        if hasattr(scheduler, "_step_index") and scheduler.timesteps is not None:
-            scheduler._step_index = i
+        self._seek_step(i)
         kwargs = {}
         params = inspect.signature(scheduler.step).parameters
         if "generator" in params:
@@ -286,6 +286,43 @@ class DiffusionAdapter:
         if "eta" in params:
             kwargs["eta"] = 0.0
         return scheduler.step(model_output, schedule.timesteps[i], latents, return_dict=False, **kwargs)[0]
+
+    def _seek_step(self, i: int) -> None:
+        """Point the scheduler at step ``i``; a multistep scheduler only accepts its next step."""
+        scheduler = self.scheduler
+        if _keeps_history(scheduler):
+            expected = _next_step_index(scheduler)
+            if i != expected:
+                begin = getattr(scheduler, "begin_index", None) or 0
+                got = "as the first step" if expected == begin else f"after step {expected - 1}"
+                single, alt = ("flow-euler", "") if self.is_flow else ("ddim", " (or 'euler')")
+                raise ValueError(
+                    f"{type(scheduler).__name__} is a multistep solver: steps must run in order {begin}, {begin + 1}, "
+                    f"{begin + 2}, ... from adapter.schedule(); got step {i} {got}; methods that start or skip "
+                    f"mid-schedule need a single-step scheduler: adapter.set_scheduler('{single}'){alt}, "
+                    f"model.scheduler={single} in a recipe"
+                )
+        if hasattr(scheduler, "_step_index") and scheduler.timesteps is not None:
+            scheduler._step_index = i
+
+    @contextlib.contextmanager
+    def _scheduler_at(self, i: int) -> Iterator[None]:
+        """The scheduler's index at ``i`` while it scales the model input (Euler-type scaling reads it).
+
+        A multistep scheduler's index is its place in its history, so it is put back: predicting
+        at any step is fine, only stepping out of order is refused (:meth:`step`).
+        """
+        scheduler = self.scheduler
+        if not hasattr(scheduler, "_step_index"):
+            yield
+            return
+        saved = scheduler._step_index
+        scheduler._step_index = i
+        try:
+            yield
+        finally:
+            if _keeps_history(scheduler):
+                scheduler._step_index = saved
 
     def step_with_logprob(
         self,
@@ -436,6 +473,25 @@ class DiffusionAdapter:
                 if callback is not None:
                     callback(i, latents)
             return self.decode(latents)
+
+
+# Where diffusers schedulers keep earlier model outputs: DPM-Solver, UniPC, DEIS, SA-Solver
+# (model_outputs), PNDM (ets), LMS (derivatives). Two-stage ones (Heun, KDPM2) have order 2.
+_HISTORY_ATTRIBUTES = ("model_outputs", "ets", "derivatives")
+
+
+def _keeps_history(scheduler: Any) -> bool:
+    """Does a step of ``scheduler`` depend on the steps before it (so it must run in order)?"""
+    return getattr(scheduler, "order", 1) > 1 or any(hasattr(scheduler, name) for name in _HISTORY_ATTRIBUTES)
+
+
+def _next_step_index(scheduler: Any) -> int:
+    """The index a multistep scheduler will step next (it resets on ``set_timesteps``)."""
+    if not hasattr(scheduler, "step_index"):  # PNDM counts its calls instead
+        return int(getattr(scheduler, "counter", 0))
+    if scheduler.step_index is not None:
+        return int(scheduler.step_index)
+    return getattr(scheduler, "begin_index", None) or 0
 
 
 def cond_batch_size(cond: Conditioning) -> int:

@@ -538,8 +538,8 @@ def build_pipeline(
     """Build a complete diffusers pipeline of ``family`` with random weights, offline.
 
     ``size="tiny"``: real classes at toy widths, with real (truncated) CLIP BPE and a
-    small T5 Unigram tokenizer, callable with text prompts on CPU in well under a
-    second. Built on CPU in fp32 (so weights do not depend on ``device``), then moved.
+    small T5 Unigram tokenizer, small enough for unit tests on CPU with text prompts.
+    Built on CPU in fp32 (so weights do not depend on ``device``), then moved.
 
     ``size="full"``: the published denoiser/VAE configs, allocated directly on
     ``device`` in ``dtype``. Text encoders and tokenizers are ``None`` (pass

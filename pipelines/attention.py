@@ -1,7 +1,7 @@
 """Attention backend selection for adapter forward passes.
 
-``sdpa`` (default) lets PyTorch's scaled-dot-product attention pick its kernel; diffusers
-measured it as fast as or faster than xformers (SD v1.4, A100). ``flash`` and ``math``
+``sdpa`` (default) lets PyTorch's scaled-dot-product attention pick its kernel; diffusers'
+optimisation guide recommends it over xformers on PyTorch 2. ``flash`` and ``math``
 restrict SDPA to one kernel (flash for speed on sm80+ GPUs, math for bit-exact debugging);
 ``xformers`` switches the denoiser's attention processors to xformers' memory-efficient
 kernel. A request that cannot be honoured raises :class:`AttentionBackendError` saying what to

@@ -41,7 +41,8 @@ class FlowAdapter(DiffusionAdapter):
     denoiser_name = "transformer"
 
     def step(self, model_output, schedule, i, latents, generator=None):
-        self.scheduler._step_index = i
+        """The scheduler step as the flow pipelines call it: without a generator."""
+        self._seek_step(i)
         return self.scheduler.step(model_output, schedule.timesteps[i], latents, return_dict=False)[0]
 
 

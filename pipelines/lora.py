@@ -89,11 +89,6 @@ def lora_disabled(adapter: DiffusionAdapter) -> Iterator[None]:
         denoiser.enable_adapters()
 
 
-def set_lora_enabled(adapter: DiffusionAdapter, enabled: bool) -> None:
-    denoiser = unwrap_model(adapter.denoiser)
-    denoiser.enable_adapters() if enabled else denoiser.disable_adapters()
-
-
 def save_lora(adapter: DiffusionAdapter, directory: str | os.PathLike, *, adapter_name: str = "default") -> Path:
     """Write the LoRA in the diffusers format, atomically (temporary directory, then rename)."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -147,6 +142,5 @@ __all__ = [
     "lora_disabled",
     "lora_parameters",
     "save_lora",
-    "set_lora_enabled",
     "unwrap_model",
 ]

@@ -32,9 +32,8 @@ class UNetAdapter(DiffusionAdapter):
         )
 
     def predict(self, latents, schedule, i, cond, *, detach_uncond=False):
-        if hasattr(self.scheduler, "_step_index"):
-            self.scheduler._step_index = i
-        return super().predict(latents, schedule, i, cond, detach_uncond=detach_uncond)
+        with self._scheduler_at(i):
+            return super().predict(latents, schedule, i, cond, detach_uncond=detach_uncond)
 
     def _scaled(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.scale_model_input(latents, t)
@@ -132,11 +131,9 @@ class InstructPix2PixAdapter(UNetAdapter):
         )
 
     def predict(self, latents, schedule, i, cond, *, detach_uncond=False):
-        if hasattr(self.scheduler, "_step_index"):
-            self.scheduler._step_index = i
         t = schedule.timesteps[i]
         image_latents = cond.extra["image_latents"]
-        with self._forward_context():
+        with self._scheduler_at(i), self._forward_context():
             if not cond.do_cfg:
                 return self._unet(latents, t, image_latents, cond.cond["encoder_hidden_states"])
             text = cond.cond["encoder_hidden_states"]

@@ -7,6 +7,8 @@
 >>> both.score_components(images, prompts)           # {"hpsv2.1": ..., "clip": ..., "total": ...}
 
 ``rewards.register(name, factory)`` adds a reward; ``rewards.available()`` lists them.
+Installed packages add theirs through the ``imgalign.rewards`` entry-point group (the Shapes
+rewards do), so ``rewards.load("shapes-verifier")`` needs no other import first.
 Preference losses are in ``rewards.preference``, metrics in ``rewards.evaluation``, dataset
 reading in ``rewards.data`` and reward-model training in ``rewards.training``.
 This package never imports ``imgalign`` or ``pipelines``.

@@ -11,6 +11,11 @@ Every reward is a :class:`torch.nn.Module` subclass of :class:`Reward`:
 Subclasses implement ``_score(images, prompts, **cond)`` and receive already validated
 inputs: float images clamped to ``[0,1]``, ``prompts`` as a list of ``B`` strings (or
 ``None`` when the reward takes no text), and conditioning images of the same batch size.
+
+Optional: a reward that judges several aspects (an exact oracle, a multi-head model) can
+override ``details(images, prompts, **cond)`` to return one ``{aspect: value}`` dict per
+image, and ``summarize_details(rows)`` to name their aggregate; evaluation reports use both
+without knowing which reward they hold. The default ``details`` returns ``None``.
 """
 
 from __future__ import annotations
@@ -198,6 +203,25 @@ class Reward(nn.Module):
             torch.float16 if device.type == "cuda" else torch.bfloat16
         )
         return torch.autocast(device_type=device.type, dtype=dtype)
+
+    # -- optional: a per-image breakdown ------------------------------------------------
+    def details(
+        self, images: Tensor, prompts: str | Sequence[str] | None = None, **cond: Tensor
+    ) -> list[dict[str, float]] | None:
+        """Per-image breakdown for evaluation reports, or ``None`` when the reward has none.
+
+        One dict per image, the same float-valued keys for every image (``{"overall": 1.0,
+        "colour": 0.5, ...}``): reports keep each key as a per-image aspect, so a gain can be
+        measured aspect by aspect on the same prompts and seeds. Not differentiable.
+        """
+        return None
+
+    def summarize_details(self, details: Sequence[dict[str, float]]) -> dict[str, float]:
+        """The report row of :meth:`details`' output: ``n`` and the mean of every key."""
+        out: dict[str, float] = {"n": len(details)}
+        for key in details[0] if details else ():
+            out[key] = float(sum(float(row[key]) for row in details) / len(details))
+        return out
 
     def train(self, mode: bool = True) -> Reward:
         """Set the *reward's* mode; the wrapped networks stay in eval mode.

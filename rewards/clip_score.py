@@ -8,7 +8,7 @@ Reproduces:
   mean/std/interpolation/resize mode come from the pretrained tag's config
   (``open_clip.get_pretrained_cfg``), OpenAI CLIP constants otherwise. The reference runs
   on PIL images; the tensor path uses the anti-aliased bicubic kernel (see
-  :mod:`rewards.preprocess`), measured within ~1e-2 of the PIL pixels on photographs.
+  :mod:`rewards.preprocess`), checked against the PIL pixels on photographs in tests.
 * CLIP score = cosine of the L2-normalised image and text embeddings, optionally times
   100 (``scale=100``: CLIP-T / CLIP-I as in DreamBench / DreamBench++ ``metrics/``).
 

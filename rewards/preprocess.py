@@ -8,10 +8,9 @@ bicubic that is PyTorch's anti-aliased kernel with ``a = -0.5``, the same separa
 PIL uses for ``Image.BICUBIC`` and the one torchvision (>= 0.17) uses for tensors, so it
 tracks both PIL and torchvision pipelines. PIL also clips the overshoot of the bicubic
 kernel to the 8-bit range; ``clamp=True`` does the same (use it where the reference
-resizes PIL images, not where it resizes tensors, like HPSv2). Measured on
-``skimage.data`` photographs (astronaut, chelsea, coffee), shortest-side 224 + crop vs
-torchvision-on-PIL: mean |diff| ~1.1e-3, max <= 0.02 (in [0,1] units) with ``clamp=True``;
-the rest is PIL's 8-bit storage between its two separable passes. ``antialias=False`` gives
+resizes PIL images, not where it resizes tensors, like HPSv2). What remains against
+torchvision-on-PIL is PIL's 8-bit storage between its two separable passes; the tolerance
+on photographs is asserted in ``tests/test_rewards_clip_family.py``. ``antialias=False`` gives
 the plain ``a = -0.75`` kernel that torchvision < 0.17 used for tensors.
 
 Sizes follow the references exactly:

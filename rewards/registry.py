@@ -2,6 +2,11 @@
 
 ``register(name, factory)`` adds a reward; ``factory(**options) -> Reward`` or a lazy
 ``"module:function"`` string (so heavy imports happen only when that reward is loaded).
+Other packages add rewards through the ``imgalign.rewards`` entry-point group
+(``[project.entry-points."imgalign.rewards"]``, ``name = "package.module:factory"``), read on
+the first ``load`` or ``available`` call; a target module is imported only when its reward is
+loaded, so ``rewards.load("shapes-verifier")`` works in a process that imported nothing else.
+An explicit ``register`` (and the built-in rewards) wins over an entry point of the same name.
 ``load`` accepts:
 
 * a registered name: ``load("hpsv2.1", checkpoint="/path/HPS_v2.1_compressed.pt")``;
@@ -18,14 +23,18 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Mapping
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from .base import Reward
 
-__all__ = ["available", "load", "parse_spec", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "available", "load", "parse_spec", "register"]
+
+ENTRY_POINT_GROUP = "imgalign.rewards"
 
 Factory = Callable[..., Reward]
-_REGISTRY: dict[str, Factory | str] = {}
+_REGISTRY: dict[str, Factory | str] = {}  # explicit registrations (built-ins included)
+_PLUGINS: dict[str, EntryPoint] | None = None  # the entry points, once read
 
 
 def _key(name: str) -> str:
@@ -33,7 +42,11 @@ def _key(name: str) -> str:
 
 
 def register(name: str, factory: Factory | str, *, overwrite: bool = False) -> None:
-    """Make ``load(name, **options)`` call ``factory(**options)``."""
+    """Make ``load(name, **options)`` call ``factory(**options)``.
+
+    ``overwrite`` guards against replacing another explicit registration; an entry point of
+    the same name is shadowed without it (explicit code beats installed metadata).
+    """
     key = _key(name)
     if not key or any(c in key for c in ",="):
         raise ValueError(f"invalid reward name {name!r} (no ',' or '=' allowed)")
@@ -44,14 +57,40 @@ def register(name: str, factory: Factory | str, *, overwrite: bool = False) -> N
     _REGISTRY[key] = factory
 
 
+def _plugins() -> dict[str, EntryPoint]:
+    """The ``imgalign.rewards`` entry points by name, read once (their modules stay unimported)."""
+    global _PLUGINS
+    if _PLUGINS is None:
+        found: dict[str, EntryPoint] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            found.setdefault(_key(ep.name), ep)  # the first installed distribution wins
+        _PLUGINS = found
+    return _PLUGINS
+
+
+def _is_registered(name: str) -> bool:
+    key = _key(name)
+    return key in _REGISTRY or key in _plugins()
+
+
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    """Registered names and those of installed plugins (``imgalign.rewards`` entry points)."""
+    return sorted(set(_REGISTRY) | set(_plugins()))
 
 
 def _factory(name: str) -> Factory:
     key = _key(name)
     if key not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}")
+        ep = _plugins().get(key)
+        if ep is None:
+            raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}")
+        try:
+            f = ep.load()
+        except (ImportError, AttributeError) as err:
+            raise ImportError(f"reward {name!r}: cannot load entry point {ep.value!r} ({ENTRY_POINT_GROUP}): {err}") from err
+        if not callable(f):
+            raise TypeError(f"reward {name!r}: entry point {ep.value!r} is not callable")
+        return f
     f = _REGISTRY[key]
     if isinstance(f, str):
         module, _, attr = f.partition(":")
@@ -119,7 +158,7 @@ def load(name_or_path: str | Mapping[str, float], **options) -> Reward:
         raise TypeError(f"load() takes a name, a path or a mapping name->weight, got {type(name_or_path).__name__}")
     if "," in name_or_path or "=" in name_or_path:
         return load(parse_spec(name_or_path), **options)
-    if _key(name_or_path) in _REGISTRY:
+    if _is_registered(name_or_path):
         reward = _factory(name_or_path)(**options)
         if not isinstance(reward, Reward):
             raise TypeError(f"factory for {name_or_path!r} returned {type(reward).__name__}, not a Reward")

@@ -117,6 +117,7 @@ def test_bad_input_exits_with_one_clear_line(sd_dir, tmp_path, capsys, case, mes
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.slow
 def test_the_installed_command_prints_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(

@@ -52,6 +52,7 @@ def test_oracle_reward_scores_ground_truth_one_and_mismatches_low():
         rewards.load("shapes-oracle", aspect="sparkle")
 
 
+@pytest.mark.slow
 def test_eval_command_is_deterministic_and_reports_oracle_attributes(tmp_path):
     argv = ["eval", "--pipeline", "shapes", "--prompt-set", "shapes-heldout", "--num-prompts", "3",
             "--images-per-prompt", "2", "--reward", "shapes-oracle", "--steps", "3", "--seed", "5",

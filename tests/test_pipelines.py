@@ -248,6 +248,80 @@ def test_encode_decode_round_trip_is_differentiable():
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
+# Schedulers whose step builds on earlier ones (stored model outputs, or two stages per step).
+MULTISTEP = ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "PNDMScheduler",
+             "LMSDiscreteScheduler", "HeunDiscreteScheduler"]
+SINGLE_STEP = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"]
+
+
+def _with_scheduler(pipe_or_adapter, name: str):
+    import diffusers
+
+    # PNDM as Stable Diffusion configures it (PLMS steps only)
+    overrides = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
+    scheduler = getattr(diffusers, name).from_config(pipe_or_adapter.scheduler.config, **overrides)
+    if isinstance(pipe_or_adapter, pipelines.DiffusionAdapter):
+        pipe_or_adapter.set_scheduler(scheduler)
+    else:
+        pipe_or_adapter.scheduler = scheduler
+    return pipe_or_adapter
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                                  "PNDMScheduler"])
+def test_multistep_scheduler_in_order_equals_pipeline_call(saved_pipelines, name):
+    adapter = _with_scheduler(pipelines.load(saved_pipelines["sd15"]), name)
+    pipe = _with_scheduler(_load(saved_pipelines["sd15"]), name)
+    kwargs = dict(guidance_scale=6.0, height=SIZE, width=SIZE)
+    expected = pipe(prompt=PROMPTS, num_inference_steps=4, generator=_generators(), output_type="pt", **kwargs).images
+    images = adapter.sample(PROMPTS, num_steps=4, generator=_generators(), **kwargs)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipes():
+    """Tiny pipelines built once; each test below puts its own scheduler on them."""
+    return {family: build_pipeline(family, "tiny") for family in ("sd15", "sd3")}
+
+
+@pytest.mark.parametrize("name", MULTISTEP)
+def test_multistep_scheduler_refuses_a_step_out_of_order(tiny_pipes, name):
+    adapter = _with_scheduler(pipelines.load(tiny_pipes["sd15"]), name)
+    cond = adapter.encode_prompt(PROMPTS, guidance_scale=4.0)
+    sched = adapter.schedule(4, height=SIZE, width=SIZE)
+    x = adapter.prepare_latents(2, SIZE, SIZE, _generators())
+    with torch.no_grad():
+        out = adapter.predict(x, sched, 3, cond)  # predicting anywhere leaves the solver where it was
+    with pytest.raises(ValueError, match=rf"^{name} is a multistep solver: .*got step 1 as the first step; "
+                                         r".*single-step scheduler: adapter.set_scheduler\('ddim'\)"):
+        adapter.step(out, sched, 1, x)
+    x = adapter.step(out, sched, 0, x)
+    with pytest.raises(ValueError, match="got step 2 after step 0"):
+        adapter.step(out, sched, 2, x)
+    adapter.step(out, sched, 1, x)  # the refused step changed nothing
+    sched = adapter.schedule(4, height=SIZE, width=SIZE)  # a new schedule starts over
+    adapter.step(out, sched, 0, x)
+
+
+SINGLE_STEP_CASES = [("sd15", n) for n in SINGLE_STEP] + [("sd3", "FlowMatchEulerDiscreteScheduler")]
+
+
+@pytest.mark.parametrize(("family", "name"), SINGLE_STEP_CASES)
+def test_single_step_schedulers_step_from_any_index(tiny_pipes, family, name):
+    """A step from index 2 is the same whether or not steps 0 and 1 ran before it."""
+    adapter = _with_scheduler(pipelines.load(tiny_pipes[family]), name)
+    cond = adapter.encode_prompt(PROMPTS, guidance_scale=4.0)
+    sched = adapter.schedule(4, height=SIZE, width=SIZE)
+    x = adapter.prepare_latents(2, SIZE, SIZE, _generators())
+    with torch.no_grad():
+        out = adapter.predict(x, sched, 2, cond)
+    first = adapter.step(out, sched, 2, x, _generators(7))
+    y = x
+    for i in range(2):
+        y = adapter.step(out, sched, i, y, _generators(3))
+    torch.testing.assert_close(adapter.step(out, sched, 2, x, _generators(7)), first)
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd2-v", "sdxl", "instruct-pix2pix"])
 def test_pred_x0_equals_the_schedulers_own_estimate(family):
     adapter = pipelines.load(build_pipeline(family, "tiny"))

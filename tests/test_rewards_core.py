@@ -11,10 +11,10 @@ from rewards.composite import RunningStats
 from rewards.loading import MissingWeightsError, UnsafeCheckpointError, load_state_dict, resolve_file
 
 
-class Brightness(Reward):
+class PromptBrightness(Reward):
     """mean pixel * (1 + len(prompt)/10): text- and image-dependent, differentiable."""
 
-    info = RewardInfo(name="brightness", inputs=("images", "prompts"), source="test")
+    info = RewardInfo(name="prompt-brightness", inputs=("images", "prompts"), source="test")
 
     def __init__(self, scale=1.0):
         super().__init__()
@@ -33,7 +33,7 @@ class RefDistance(Reward):
 
 
 def test_validation_errors():
-    r = Brightness()
+    r = PromptBrightness()
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(ValueError, match=r"\[0,1\]"):
         r(x * 2 - 1, "a")
@@ -58,7 +58,7 @@ def test_validation_errors():
 
 
 def test_gradients_and_batched_agree():
-    r = Brightness()
+    r = PromptBrightness()
     x = torch.rand(5, 3, 8, 8, requires_grad=True)
     prompts = ["a", "bb", "ccc", "dddd", "e"]
     s = r(x, prompts)
@@ -76,12 +76,12 @@ def test_gradients_and_batched_agree():
 
 
 def test_registry_and_spec():
-    rewards.register("toy-brightness", lambda scale=1.0: Brightness(scale), overwrite=True)
+    rewards.register("toy-brightness", lambda scale=1.0: PromptBrightness(scale), overwrite=True)
     assert "toy-brightness" in rewards.available()
     r = rewards.load("toy-brightness", scale=2.0)
-    assert isinstance(r, Brightness) and float(r.scale) == 2.0
+    assert isinstance(r, PromptBrightness) and float(r.scale) == 2.0
     with pytest.raises(ValueError, match="already registered"):
-        rewards.register("toy-brightness", Brightness)
+        rewards.register("toy-brightness", PromptBrightness)
     with pytest.raises(ValueError, match="unknown reward"):
         rewards.load("no-such-reward")
     assert rewards.parse_spec("a=1,b=0.5, c") == {"a": 1.0, "b": 0.5, "c": 1.0}
@@ -92,7 +92,7 @@ def test_registry_and_spec():
 
 
 def test_composite_weights_and_normalisation():
-    rewards.register("toy-brightness", lambda scale=1.0: Brightness(scale), overwrite=True)
+    rewards.register("toy-brightness", lambda scale=1.0: PromptBrightness(scale), overwrite=True)
     rewards.register("toy-refdist", RefDistance, overwrite=True)
     comp = rewards.load({"toy-brightness": 2.0, "toy-refdist": -0.5})
     assert isinstance(comp, CompositeReward)
@@ -101,7 +101,7 @@ def test_composite_weights_and_normalisation():
     # eval mode: running stats frozen at (0, 1); refdist uses its published constants
     comp.eval()
     total = comp(x, "ab", reference_images=ref)
-    b = Brightness()(x, "ab")
+    b = PromptBrightness()(x, "ab")
     d = RefDistance()(x, reference_images=ref)
     torch.testing.assert_close(total, 2.0 * b - 0.5 * (d - 0.5) / 2.0)
     comps = comp.score_components(x, "ab", reference_images=ref)
@@ -113,7 +113,7 @@ def test_composite_weights_and_normalisation():
     seen = []
     for _ in range(3):
         xi = torch.rand(4, 3, 8, 8)
-        seen.append(Brightness()(xi, "ab"))
+        seen.append(PromptBrightness()(xi, "ab"))
         out = comp(xi, "ab", reference_images=ref)
     allb = torch.cat(seen).double()
     st = comp.stats["toy-brightness"]
@@ -124,8 +124,8 @@ def test_composite_weights_and_normalisation():
     torch.testing.assert_close(out, expect)
     # networks inside stay in eval mode; the reward flag follows
     assert comp.training and comp.member("toy-brightness").training
-    plain = CompositeReward({"a": (Brightness(), 1.0), "b": (Brightness(3.0), 0.25)}, normalize="none")
-    torch.testing.assert_close(plain(x, "q"), Brightness()(x, "q") + 0.25 * Brightness(3.0)(x, "q"))
+    plain = CompositeReward({"a": (PromptBrightness(), 1.0), "b": (PromptBrightness(3.0), 0.25)}, normalize="none")
+    torch.testing.assert_close(plain(x, "q"), PromptBrightness()(x, "q") + 0.25 * PromptBrightness(3.0)(x, "q"))
 
 
 def test_running_stats_matches_welford():

@@ -74,6 +74,7 @@ def test_combined_with_a_separate_base_adapter_equals_the_lora_path():
     torch.testing.assert_close(with_lora, with_base, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_sample_cli_combined_and_aig(tmp_path):
     pipe_dir, lora_dir = tmp_path / "pipe", tmp_path / "lora"
     build_pipeline("sd15", "tiny").save_pretrained(pipe_dir)

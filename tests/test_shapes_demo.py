@@ -42,6 +42,7 @@ def test_heldout_prompt_halves_are_disjoint_and_cover_the_set():
     assert evaluated + aligned == prompt_set("shapes-heldout")
 
 
+@pytest.mark.slow
 def test_best_of_n_picks_the_best_candidate_per_image_and_is_batch_independent(shapes_adapter):
     prompts = prompt_set("shapes-heldout-eval")[:3]
     reward = MeanRedness()
@@ -119,7 +120,7 @@ def test_simulated_raters_follow_the_utilities_with_noise_and_ties():
 
 def test_preference_data_loads_into_the_reward_trainer(tmp_path):
     from imgalign.shapes.preference import make_preference_data
-    from rewards.training import DataConfig, load_pairs
+    from rewards.training import PairDataConfig, load_pairs
 
     prompts = prompt_set("shapes-train")[:3]
     path = make_preference_data(tmp_path, prompts, samples_per_prompt=2, render_fraction=1.0, num_steps=3, seed=0)
@@ -130,7 +131,7 @@ def test_preference_data_loads_into_the_reward_trainer(tmp_path):
         assert set(r["utility_a"]) >= {"prompt", "quality", "overall", "colour", "shape"}
     renders = [r for r in records if "render" in r["kinds"]]
     assert all(r["utility_b" if r["kinds"][1] == "render" else "utility_a"]["overall"] == 1.0 for r in renders)
-    pairs = load_pairs(str(path), DataConfig(image_size=32), aspects=["prompt", "quality"])
+    pairs = load_pairs(str(path), PairDataConfig(image_size=32), aspects=["prompt", "quality"])
     assert len(pairs) == len(records) and pairs[0].image_a.shape == (3, 32, 32)
 
 
@@ -142,6 +143,7 @@ def test_demo_rejects_methods_that_are_not_built_in_one_line(capsys):
     assert "unknown --algo" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_report_has_the_documented_fields(tmp_path):
     from imgalign.shapes.demo import ORACLE_METRICS, run_demo
 
@@ -163,6 +165,7 @@ def test_demo_report_has_the_documented_fields(tmp_path):
     assert (tmp_path / "draft" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_default_demo_is_best_of_n_with_its_curve(tmp_path):
     from imgalign.shapes.demo import DEFAULT_ALGORITHM, run_demo
 
@@ -177,6 +180,7 @@ def test_default_demo_is_best_of_n_with_its_curve(tmp_path):
     assert (tmp_path / "reward_curve.png").is_file() and (tmp_path / "after_best-of-n.png").is_file()
 
 
+@pytest.mark.slow
 def test_shapes_build_runs_every_stage_and_records_a_verifiable_manifest(tmp_path):
     """``imgalign shapes build --quick``: the chain of stages (not the quality of its weights)."""
     out = tmp_path / "weights"
@@ -202,16 +206,17 @@ def test_the_draft_recipe_is_the_demo_draft_run(tmp_path):
 
     from imgalign.shapes.demo import ALGORITHMS, training_config
     from imgalign.train.config import to_dict
-    from imgalign.train.reward_backprop import load_reward_backprop_config
+    from imgalign.train import load_method_config
 
     root = Path(__file__).resolve().parents[1]
-    recipe = to_dict(load_reward_backprop_config(root / "recipes" / "shapes_verifier_draft.yaml", [f"output_dir={tmp_path}"]))
+    recipe = to_dict(load_method_config("draft", root / "recipes" / "shapes_verifier_draft.yaml", [f"output_dir={tmp_path}"]))
     demo = to_dict(training_config(ALGORITHMS["draft"], tmp_path))
-    recipe["pipeline"] = str((root / recipe["pipeline"]).resolve())
+    assert recipe["pipeline"] == "shapes"  # a named pipeline: the recipe runs from any directory
     recipe["validation"], demo["validation"] = None, None
     assert recipe == demo
 
 
+@pytest.mark.slow
 def test_edit_alignment_demo_trains_the_edit_model_and_judges_edits(tmp_path):
     from imgalign.shapes.demo import EDIT_METRICS, run_demo
 

@@ -178,12 +178,14 @@ def test_edit_preference_data_loads_and_trains_a_reward_head(trained_edit_dir, t
     import rewards
     import rewards.registry
     from imgalign.train.config import from_dict
-    from rewards.training import DataConfig, RewardTrainingConfig, load_pairs, train_reward
+    from imgalign.train.reward_model import RewardModelTrainingConfig
+    from imgalign.train.run import train
+    from rewards.training import PairDataConfig, load_pairs
 
     path = make_edit_preference_data(tmp_path / "pairs", n=2, seed=0, pipeline=trained_edit_dir, num_steps=2)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == 2 * 6  # 4 candidates per source: target, unchanged, wrong edit, one model sample
-    pairs = load_pairs(str(path), DataConfig(image_size=32))
+    pairs = load_pairs(str(path), PairDataConfig(image_size=32))
     assert len(pairs) == len(records)
     assert all(p.source is not None and p.source.shape == (3, 32, 32) and p.prompt for p in pairs)
     for record, pair in zip(records, pairs, strict=True):
@@ -194,8 +196,8 @@ def test_edit_preference_data_loads_and_trains_a_reward_head(trained_edit_dir, t
 
     monkeypatch.setitem(rewards.registry._REGISTRY, "shapes-edit-reward-base", shapes_edit_reward)
     config = training_config(str(path), str(path), str(tmp_path / "run"), steps=2, mode="head")
-    config["optim"]["batch_size"] = 4
-    out = train_reward(from_dict(RewardTrainingConfig, config), log=lambda _: None)
+    config["train"]["batch_size"] = 4
+    out = train(from_dict(RewardModelTrainingConfig, config)).weights_dir
     trained = rewards.load(str(out))
     scores = trained(_sources(), INSTRUCTIONS, source_images=_sources().flip(0))
     assert scores.shape == (2,) and torch.isfinite(scores).all()

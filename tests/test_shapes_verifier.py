@@ -106,6 +106,7 @@ def test_shipped_verifier_knows_colour_binding_on_rendered_heldout_scenes():
     assert (true > recoloured).float().mean() > 0.95
 
 
+@pytest.mark.slow
 def test_best_of_four_under_the_shipped_verifier_raises_oracle_colour_on_heldout_prompts():
     """The CI-sized alignment check: same prompts and seeds, plain sampling vs the verifier's pick."""
     from imgalign.sampling import best_of_n_candidates

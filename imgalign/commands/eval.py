@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 from . import CommandError
-from .sample import SAMPLER_CHOICES, add_best_of_n_arguments, sampler_options
+from .sample import PIPELINE_HELP, SAMPLER_CHOICES, add_best_of_n_arguments, sampler_options
 
 HELP = "Evaluate a generator: K images per prompt, scored by rewards, with bootstrap intervals."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pipeline", required=True, help="pipeline directory or hub id ('shapes' = the shipped Shapes model)")
+    parser.add_argument("--pipeline", required=True, help=PIPELINE_HELP)
     parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory")
     parser.add_argument("--sampler", default="ode", choices=SAMPLER_CHOICES)
     parser.add_argument("--switch-step", type=int, default=None, help="combined: steps run by the base model")
@@ -57,15 +57,6 @@ def prompt_list(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def resolve_pipeline(name: str) -> str:
-    """``shapes`` names the shipped Shapes model; anything else is a directory or hub id."""
-    if name == "shapes":
-        from imgalign.shapes.manifest import WEIGHTS_DIR
-
-        return str(WEIGHTS_DIR / "t2i")
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -83,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
     scorers = {name: rewards.load(name) for name in names}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    adapter = pipelines.load(resolve_pipeline(args.pipeline), dtype=torch.float32, device=device)
+    adapter = pipelines.load(args.pipeline, dtype=torch.float32, device=device)
     if args.lora is not None:
         pipelines.load_lora(adapter, args.lora)
     height, width = adapter.check_size(args.height, args.width)

@@ -17,12 +17,15 @@ HELP = "Generate images with a diffusers pipeline (PNG files, samples.jsonl, gri
 # imgalign.sampling.SAMPLERS, spelled out so that parsing arguments does not import torch.
 SAMPLER_CHOICES = ["ode", "combined", "aig", "best-of-n"]
 
+# Names come from pipelines.register and installed packages' "imgalign.pipelines" entry points.
+PIPELINE_HELP = "pipeline directory, hub id, or registered name ('shapes', 'shapes-edit' = the shipped Shapes models)"
+
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pipeline", required=True, help="pipeline directory or hub id")
+    parser.add_argument("--pipeline", required=True, help=PIPELINE_HELP)
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="one prompt")
     text.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--aig-power must be >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype])
-    adapter = pipelines.load(str(args.pipeline), dtype=dtype, device=device, attention=args.attention)
+    adapter = pipelines.load(args.pipeline, dtype=dtype, device=device, attention=args.attention)
     if args.lora is not None:
         pipelines.load_lora(adapter, args.lora)
     source = None

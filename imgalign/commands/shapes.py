@@ -1,6 +1,6 @@
 """``imgalign shapes build|verify``: regenerate the shipped Shapes models, or check them.
 
-    imgalign shapes build                       # every model, into the package's weights (about 1 h on 2 cores)
+    imgalign shapes build                       # every model, into the package's weights
     imgalign shapes build --out runs/shapes --only t2i,clip --device cuda
     imgalign shapes verify                      # sha256 of the shipped files against the manifest
 

@@ -2,6 +2,22 @@
 
 Used to train small text-to-image models and reward models, and to measure honestly
 whether alignment improved the truth (the oracle) or only a learned reward.
+
+Three tiers, each importing only from the tiers above it (``tests/test_shapes_plugin.py``
+checks the imports, so the world stays usable without torch and a model never depends on
+the demo):
+
+* the world -- ``world`` (scenes, renderer, captions, edit instructions) and ``oracle`` (the
+  exact judge); numpy and scipy only. This package re-exports it.
+* the models -- ``t2i`` (the text-to-image model and the pipeline loader), ``edit``, ``clip``
+  (ShapesCLIP), ``verifier``, ``preference``, ``edit_reward``, ``rewards`` (the oracle as a
+  reward) and ``manifest`` (the shipped weights).
+* the applications -- ``build`` (regenerates the shipped weights) and ``demo`` (the CPU demo
+  and its reports).
+
+Nothing here registers itself on import: the rewards (``shapes-oracle``, ``shapes-verifier``,
+...) and pipelines (``shapes``, ``shapes-edit``) reach ``rewards.load`` and ``pipelines.load``
+through the ``imgalign.rewards`` and ``imgalign.pipelines`` entry points in ``pyproject.toml``.
 """
 
 from .oracle import (

@@ -13,10 +13,9 @@ file, the command, and the stage's held-out metrics):
 6. ``edit-reward``: edit preference pairs (renders and edit-model samples), then the edit
    reward (:mod:`imgalign.shapes.edit_reward`).
 
-Later stages use the models the earlier ones wrote to the same output directory. On 2 CPU
-cores the whole build takes about 80 minutes (t2i about 30 min, clip 12, verifier 20,
-preference 8, edit 17, edit reward 5); ``--device cuda`` makes the first two minutes long. ``quick=True`` runs every
-stage with a handful of steps (a smoke test of the pipeline of stages, not usable weights).
+Later stages use the models the earlier ones wrote to the same output directory (each
+stage's time is recorded in the manifest). ``quick=True`` runs every stage with a handful of
+steps (a smoke test of the pipeline of stages, not usable weights).
 """
 
 from __future__ import annotations

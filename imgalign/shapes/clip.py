@@ -7,9 +7,10 @@ and a word-level tokenizer over the caption grammar.
 Training (CLIP's symmetric InfoNCE, Radford et al. 2021 eq. in fig. 3) uses two things that
 make the score attribute-sensitive rather than a bag-of-words: hard-negative captions (the
 same scene with one attribute changed, one each for kind, colour, size and position) added
-to the text side of every batch (with one random negative, colour alone explained the batch:
-held-out accuracy 0.84 on colour, chance on kind, size and position), and images degraded the way generated images are (pixel noise, blur,
-colour jitter), so the reward ranks imperfect samples instead of only clean renders.
+to the text side of every batch (with one random negative, colour alone explained the batch
+and kind, size and position stayed at chance), and images degraded the way generated images
+are (pixel noise, blur, colour jitter), so the reward ranks imperfect samples instead of only
+clean renders. Held-out accuracies per attribute are in the README and the weights' manifest.
 """
 
 from __future__ import annotations
@@ -191,13 +192,13 @@ class ShapesCaptionContrast(Reward):
     """``log p(caption | image)`` against hard-negative captions, under ShapesCLIP.
 
     A raw CLIP score rises with anything caption-like and saturates (held-out samples of the
-    shipped model score 0.68, training prompts 0.85), so its gradient says little about *which*
-    attribute is wrong. This reward is a classifier over captions instead: the true caption
+    shipped model score nearly as high as training prompts), so its gradient says little about
+    *which* attribute is wrong. This reward is a classifier over captions instead: the true caption
     against ``negatives`` copies per attribute in ``fields`` with that attribute of one shape
     changed (:func:`perturb`, the same hard negatives ShapesCLIP was trained with), as a
     softmax of ShapesCLIP's logits (its learned temperature). Restricting ``fields`` targets
     attributes: ``fields=("colour",)`` rewards exactly "the colours are right rather than
-    swapped", the attribute ShapesCLIP separates best on held-out scenes (93%). The idea is
+    swapped", the attribute ShapesCLIP separates best on held-out scenes. The idea is
     CLIP's zero-shot classification (Radford et al. 2021, sec. 3.1.2) used as a reward.
 
     Negatives are a deterministic function of (prompt, seed) and use the prompt's own

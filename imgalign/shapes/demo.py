@@ -8,16 +8,16 @@ seeds are judged again. Gains come with paired bootstrap 95% intervals over prom
 oracle's is reward hacking, measured rather than guessed.
 
 Every method goes through the toolkit's public entry points: the reward-gradient methods
-through :func:`imgalign.train.reward_backprop.train` (the same code as ``imgalign train``),
+through :func:`imgalign.train.run.train` (the same code as ``imgalign train``),
 combined generation through :func:`imgalign.sampling.run_sampler`, best-of-N through
 :func:`imgalign.sampling.best_of_n_candidates` (which also gives the best-of-N curve).
 
 Why the default is best-of-N under the learned verifier and not a reward-gradient method:
 every gradient method here raises the learned reward while the oracle stays flat or falls.
-DRaFT, ReFL and AlignProp-style full-chain DRaFT on the verifier cost 5 to 30 points of
-oracle quality and up to 9 points of count, because the reward's pixel gradient is partly
-adversarial. Ranking with the same verifier, which is all best-of-N uses, agrees with the
-oracle's colour judgement on 85% of within-prompt pairs. ``--algo compare`` shows both.
+DRaFT, ReFL and AlignProp-style full-chain DRaFT on the verifier cost oracle quality and
+count, because the reward's pixel gradient is partly adversarial. Ranking with the same
+verifier, which is all best-of-N uses, agrees with the oracle's colour judgement on most
+within-prompt pairs. ``--algo compare`` shows both; the README has the measured numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 
 from ..images import from_uint8
 from .oracle import ATTRIBUTES
+from .t2i import load_shipped_pipeline
 
 # What the report compares before/after: the oracle's aspects (per-image values) first.
 ORACLE_METRICS = ("overall", "exact", *ATTRIBUTES, "quality")
@@ -138,18 +139,17 @@ def training_config(algo: Algorithm, out_dir: Path, *, max_steps: int | None = N
 
     ``reward``: another reward to optimise (a registered name or a trained reward's directory).
     """
-    from ..train.reward_backprop import load_reward_backprop_config
-    from .manifest import WEIGHTS_DIR
+    from ..train.registry import load_method_config
 
     tree = _merge(COMMON, algo.overrides)
-    tree = _merge(tree, {"pipeline": str(WEIGHTS_DIR / "t2i"), "output_dir": str(out_dir)})
+    tree = _merge(tree, {"output_dir": str(out_dir)})
     if max_steps is not None:
         tree = _merge(tree, {"train": {"max_steps": max_steps}})
     if reward is not None:
         tree = {**tree, "reward": reward, "reward_options": {}}
     if algo.train_method == "imagerefl":
         tree = _merge(tree, {"data": {"images": str(images_dir)}})
-    return load_reward_backprop_config(None, _flatten(tree), algo.train_method)
+    return load_method_config(algo.train_method, None, _flatten(tree))
 
 
 def write_real_images(folder: Path, n: int = 256, seed: int = 0) -> Path:
@@ -203,22 +203,6 @@ def gains(before, after, metrics: Sequence[str], reward_names: Sequence[str]) ->
     out = {f"oracle/{metric}": compare(before, after, f"shapes-oracle/{metric}") for metric in metrics}
     out.update({name: compare(before, after, name) for name in reward_names if name != "shapes-oracle"})
     return out
-
-
-def load_pipeline(directory: str | Path):
-    """A Shapes pipeline directory in fp32 on the CPU, progress bars off."""
-    import pipelines
-
-    adapter = pipelines.load(str(directory), dtype=torch.float32, device="cpu")
-    adapter.pipe.set_progress_bar_config(disable=True)
-    return adapter
-
-
-def load_shipped_pipeline(model: str):
-    """A shipped Shapes pipeline (``t2i`` or ``edit``): see :func:`load_pipeline`."""
-    from .manifest import WEIGHTS_DIR
-
-    return load_pipeline(WEIGHTS_DIR / model)
 
 
 def write_report(out: Path, report: dict, table: str) -> None:
@@ -321,7 +305,7 @@ def run_demo(
     from ..images import save_grid
     from ..prompt_sets import prompt_set
     from ..sampling import best_candidates, best_of_n_candidates, run_sampler
-    from ..train.reward_backprop import train
+    from ..train.run import train
 
     if algo == EDIT_ALGORITHM.name:
         return run_edit_demo(out, num_sources=num_prompts, images_per_source=images_per_prompt, sample_steps=sample_steps,
@@ -402,15 +386,14 @@ def run_demo(
 
 def edit_training_config(out_dir: Path, images_dir: Path, *, max_steps: int | None = None):
     """The demo's edit-alignment config: the shipped edit model and edit reward, training sources."""
-    from ..train.reward_backprop import load_reward_backprop_config
-    from .manifest import WEIGHTS_DIR
+    from ..train.registry import load_method_config
 
     tree = _merge({k: v for k, v in COMMON.items() if k not in ("reward_options", "data")}, EDIT_ALGORITHM.overrides)
-    tree = _merge(tree, {"pipeline": str(WEIGHTS_DIR / "edit"), "reward": "shapes-edit-reward", "output_dir": str(out_dir),
+    tree = _merge(tree, {"pipeline": "shapes-edit", "reward": "shapes-edit-reward", "output_dir": str(out_dir),
                          "data": {"images": str(images_dir)}, "sampling": {"image_guidance_scale": 1.5}})  # fmt: skip
     if max_steps is not None:
         tree = _merge(tree, {"train": {"max_steps": max_steps}})
-    return load_reward_backprop_config(None, _flatten(tree), EDIT_ALGORITHM.train_method)
+    return load_method_config(EDIT_ALGORITHM.train_method, None, _flatten(tree))
 
 
 def evaluate_edits(adapter, examples, reward, *, images_per_source: int, seed: int, sample_steps: int):
@@ -453,7 +436,7 @@ def run_edit_demo(out: Path, *, num_sources: int = 48, images_per_source: int = 
     import rewards
 
     from ..images import save_grid
-    from ..train.reward_backprop import train
+    from ..train.run import train
     from .edit import make_edit_dataset, write_edit_sources
 
     out = Path(out)

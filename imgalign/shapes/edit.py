@@ -34,7 +34,7 @@ import torch
 
 from ..images import from_uint8
 from .manifest import WEIGHTS_DIR
-from .t2i import SPECIAL_TOKENS, TEXT_CONFIG, UNET_CONFIG, _words, caption_vocabulary
+from .t2i import SPECIAL_TOKENS, TEXT_CONFIG, UNET_CONFIG, _words, caption_vocabulary, load_shipped_pipeline
 from .world import (
     _EDIT_TEMPLATES,
     _TO_POS,
@@ -129,6 +129,11 @@ def build_edit_pipeline(seed: int = 0, init_from: str | Path | None = None):
         _copy_text_encoder_with_new_words(t2i.text_encoder, text_encoder, torch.Generator().manual_seed(seed))
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(t2i.scheduler.config)
     return ShapesEditPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def shipped_edit_pipeline(**options):
+    """``pipelines.load("shapes-edit")`` (an ``imgalign.pipelines`` entry point): the shipped edit model."""
+    return load_shipped_pipeline("edit", **options)
 
 
 def _copy_unet_with_source_channels(t2i_unet, edit_unet) -> None:

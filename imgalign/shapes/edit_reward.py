@@ -248,17 +248,11 @@ def training_config(train: str, val: str | None, out_dir: str, *, steps: int = 6
         "data": {"train": train, "val": val, "image_size": 32},
         "model": {"reward": {"name": "shapes-edit-reward-base"}, "mode": mode, "new_head": True, "head_hidden": 128},
         "loss": {"kind": "rao-kupper", "theta": 1.5},
-        "optim": {"lr": 2e-4 if mode == "full" else 1e-3, "batch_size": 32, "max_steps": steps, "warmup_steps": 20,
-                  "weight_decay": 0.01},
-        "run": {"output_dir": out_dir, "seed": seed, "cpu": True, "validate_every": 100, "checkpoint_every": 200},
+        "optim": {"lr": 2e-4 if mode == "full" else 1e-3, "warmup_steps": 20, "weight_decay": 0.01},
+        "train": {"batch_size": 32, "max_steps": steps, "seed": seed, "checkpoint_every": 200, "report_to": []},
+        "validation": {"every": 100},
+        "output_dir": out_dir,
     }  # fmt: skip
-
-
-def register() -> None:
-    """Make ``rewards.load("shapes-edit-reward-base")`` build :func:`shapes_edit_reward` in this process."""
-    import rewards
-
-    rewards.register("shapes-edit-reward-base", "imgalign.shapes.edit_reward:shapes_edit_reward", overwrite=True)
 
 
 if __name__ == "__main__":
@@ -275,7 +269,7 @@ if __name__ == "__main__":
     data.add_argument("--samples-per-source", type=int, default=1)
     data.add_argument("--num-steps", type=int, default=20)
     data.add_argument("--device", default="cpu")
-    train = commands.add_parser("train", help="train the reward with rewards.training.train_reward")
+    train = commands.add_parser("train", help="train the reward (imgalign train-reward)")
     train.add_argument("--train", required=True, help="training pairs.jsonl")
     train.add_argument("--val", default=None, help="validation pairs.jsonl (default: 10%% of --train)")
     train.add_argument("--out", required=True, help="run directory (the reward is written to <out>/reward)")
@@ -290,8 +284,8 @@ if __name__ == "__main__":
         ))  # fmt: skip
     else:
         from imgalign.train.config import from_dict
-        from rewards.training import RewardTrainingConfig, train_reward
+        from imgalign.train.reward_model import RewardModelTrainingConfig
+        from imgalign.train.run import train
 
-        register()
         config = training_config(args.train, args.val, args.out, steps=args.steps, seed=args.seed, mode=args.mode)
-        print(train_reward(from_dict(RewardTrainingConfig, config)))
+        print(train(from_dict(RewardModelTrainingConfig, config)).weights_dir)

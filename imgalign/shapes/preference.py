@@ -16,7 +16,7 @@ sees) and, for a quarter of the prompts, the exact render of the prompt's scene.
 (:func:`preference_prompts`) are training captions plus held-out-kind prompts of
 ``shapes-heldout-align``, never the ``shapes-heldout-eval`` prompts the demo is judged on.
 
-The reward is trained with :func:`rewards.training.train_reward` (``imgalign train-reward``):
+The reward is trained with ``imgalign train-reward`` (:mod:`imgalign.train.reward_model`):
 every ShapesCLIP weight plus a new two-aspect head, the Rao-Kupper loss for ties. It loads
 with ``rewards.load("shapes-preference")``.
 """
@@ -138,8 +138,10 @@ def training_config(train: str, val: str | None, out_dir: str, *, steps: int = 6
         "model": {"reward": {"name": "shapes-clip"}, "mode": "full", "new_head": True, "aspects": list(ASPECTS),
                   "head_hidden": 128},
         "loss": {"kind": "rao-kupper", "theta": 1.5},
-        "optim": {"lr": 2e-4, "batch_size": 32, "max_steps": steps, "warmup_steps": 20, "weight_decay": 0.01},
-        "run": {"output_dir": out_dir, "seed": seed, "cpu": True, "validate_every": 100, "checkpoint_every": 200},
+        "optim": {"lr": 2e-4, "warmup_steps": 20, "weight_decay": 0.01},
+        "train": {"batch_size": 32, "max_steps": steps, "seed": seed, "checkpoint_every": 200, "report_to": []},
+        "validation": {"every": 100},
+        "output_dir": out_dir,
     }  # fmt: skip
 
 

@@ -2,13 +2,16 @@
 
 It is a judge, not a training signal: nothing in the toolkit optimises it unless a method is
 explicitly configured with ``--reward shapes-oracle`` (then only methods that accept
-non-differentiable rewards can use it).
+non-differentiable rewards can use it). Its :meth:`~ShapesOracleReward.details` give
+evaluation reports the per-attribute breakdown through the reward contract alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from rewards import Reward, RewardInfo
 
@@ -38,6 +41,21 @@ class ShapesOracleReward(Reward):
         self.last_judgements = judge(images.detach().float().cpu(), prompts)
         values = [float(getattr(j, self.aspect)) for j in self.last_judgements]
         return torch.tensor(values, device=images.device)
+
+    @torch.no_grad()
+    def details(self, images, prompts=None, **cond) -> list[dict[str, float]]:
+        """Every aspect of every image: ``overall``, ``exact``, ``quality`` and the six attributes."""
+        images, texts, _ = self.validate(images, prompts, **cond)
+        self.last_judgements = judge(images.detach().float().cpu(), texts)
+        return [{aspect: float(getattr(j, aspect)) for aspect in ASPECTS} for j in self.last_judgements]
+
+    def summarize_details(self, details: Sequence[dict[str, float]]) -> dict[str, float]:
+        """Named as :func:`imgalign.shapes.oracle.summarize` names them (``exact_rate``, ``acc_<attribute>``)."""
+        if not details:
+            return {"n": 0}
+        mean = lambda key: float(np.mean([row[key] for row in details]))  # noqa: E731
+        return {"n": len(details), "overall": mean("overall"), "exact_rate": mean("exact"), "quality": mean("quality"),
+                **{f"acc_{a}": mean(a) for a in ATTRIBUTES}}  # fmt: skip
 
 
 def shapes_oracle(aspect: str = "overall") -> ShapesOracleReward:

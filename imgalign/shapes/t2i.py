@@ -104,6 +104,30 @@ def build_shapes_pipeline(seed: int = 0):
     return ShapesPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
+def load_pipeline(directory: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  **options):  # fmt: skip
+    """A Shapes pipeline directory as an adapter, fp32 on the CPU unless told otherwise, progress bars off."""
+    import pipelines
+
+    adapter = pipelines.load(str(directory), dtype=dtype or torch.float32, device=device or "cpu", **options)
+    adapter.pipe.set_progress_bar_config(disable=True)
+    return adapter
+
+
+def load_shipped_pipeline(model: str = "t2i", **options):
+    """A shipped Shapes pipeline (``t2i`` or ``edit``) from ``weights/``: see :func:`load_pipeline`."""
+    from .manifest import WEIGHTS_DIR
+
+    if model not in ("t2i", "edit"):
+        raise ValueError(f"no shipped Shapes pipeline {model!r}; choose t2i or edit")
+    return load_pipeline(WEIGHTS_DIR / model, **options)
+
+
+def shipped_t2i_pipeline(**options):
+    """``pipelines.load("shapes")`` (an ``imgalign.pipelines`` entry point): the shipped T2I model."""
+    return load_shipped_pipeline("t2i", **options)
+
+
 def flow_matching_loss(pipe, images: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
     """MSE between predicted and true velocity at logit-normal noise levels."""
     b = images.shape[0]

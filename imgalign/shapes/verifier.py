@@ -8,7 +8,7 @@ from the caption's parse. It exists because CLIP-style rewards do not see attrib
 *binding*: on held-out prompts the Shapes T2I model paints the other objects of a scene in
 the colour of its held-out pair ("an orange circle and a red square" gives two orange
 shapes), and ShapesCLIP's caption contrast orders such samples barely better than chance
-(within-prompt agreement with the oracle's colour judgement 56%).
+(its within-prompt agreement with the oracle's colour judgement is in the README).
 
 The model (:class:`ObjectVerifier`) is a small CNN on the image with coordinate channels,
 modulated (FiLM, Perez et al. 2018) by an embedding of the query; its per-location logits
@@ -217,8 +217,8 @@ def sample_pool(prompts: Sequence[str], *, seed: int = 0, guidance: Sequence[flo
     from tqdm.auto import tqdm
 
     from ..images import to_uint8
-    from .demo import load_pipeline
     from .manifest import WEIGHTS_DIR
+    from .t2i import load_pipeline
 
     adapter = load_pipeline(pipeline_dir or WEIGHTS_DIR / "t2i")
     images = []
@@ -254,11 +254,10 @@ def train_verifier(out_dir: str | Path, pool_images: np.ndarray, pool_objects: S
     ``pool_images``: uint8 [N,32,32,3] T2I samples; ``pool_objects``: what the oracle found in
     each (``None`` entries are skipped). Saves ``config.json`` + ``model.safetensors`` (fp16) atomically.
 
-    The loss first sits on a plateau (about 0.64: the answer rates, without looking) until the
-    query modulation takes hold; when it leaves depends on the initial weights (after 200 to
-    1300 steps in five runs), so the default budget leaves room: runs cut at 2000 steps that
-    left late ended near 0.4 and ranked samples barely better than chance, runs that left
-    early reached 0.15.
+    The loss first sits on a plateau (the answer rates, predicted without looking) until the
+    query modulation takes hold; when it leaves depends on the initial weights, so the default
+    budget leaves room: a run cut short soon after a late exit ranks samples barely better
+    than chance.
     """
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from safetensors.torch import save_file

@@ -1,7 +1,7 @@
 """Method-agnostic pieces of a training loop on accelerate.
 
-A recipe (``imgalign/train/reward_backprop.py``, later DPO and GRPO) reads top to bottom and
-uses these small components:
+The run skeleton (:mod:`imgalign.train.run`) and the pipeline setup
+(:mod:`imgalign.train.pipeline`) are built from these small components:
 
 * :func:`build_accelerator` — mixed precision, gradient accumulation, trackers;
 * :func:`step_seed` / :func:`step_generators` — every random draw of a step is seeded from

@@ -16,7 +16,7 @@ import re
 
 from . import CommandError
 
-HELP = "Train with a registered method (reward backprop: refl, draft, imagerefl; reward models: reward)."
+HELP = "Train with a registered method (reward backprop, preference optimisation, reward models; --help lists them)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -69,9 +69,11 @@ class PipelineTrainee(Trainee):
 
 
 def setup_pipeline(run: Run, *, needs_reward: bool = True, needs_images: bool = False,
-                   trainee_class: type[PipelineTrainee] = PipelineTrainee, **extra: Any) -> PipelineTrainee:  # fmt: skip
+                   data: PromptData | ImageCaptionData | None = None, trainee_class: type[PipelineTrainee] = PipelineTrainee,
+                   **extra: Any) -> PipelineTrainee:  # fmt: skip
     """Load the pipeline, add LoRA, load the reward, build the data (``needs_images``: image/caption folder).
 
+    ``data`` replaces the prompts/images the config names (a method with its own data);
     ``trainee_class`` and ``extra`` let a method keep its own fields on a subclass.
     """
     cfg: PipelineTrainingConfig = run.cfg
@@ -92,7 +94,8 @@ def setup_pipeline(run: Run, *, needs_reward: bool = True, needs_images: bool = 
         reward.requires_grad_(False)
         reward.train()  # only updates a composite's running statistics; networks stay in eval
     height, width = adapter.check_size(cfg.sampling.height, cfg.sampling.width)
-    data = build_data(cfg, adapter, run.num_processes, height, width, images=needs_images)
+    if data is None:
+        data = build_data(cfg, adapter, run.num_processes, height, width, images=needs_images)
     return trainee_class(cfg=cfg, adapter=adapter, trainable=trainable, reward=reward, data=data, height=height,
                          width=width, **extra)  # fmt: skip
 
@@ -156,19 +159,31 @@ def validation_images(trainee: PipelineTrainee) -> tuple[torch.Tensor, Batch]:
         base = v.prompts or data.prompts
         batch = Batch([base[i % len(base)] for i in range(v.num_images)], None)
     generators = [torch.Generator("cpu").manual_seed(v.seed + i) for i in range(len(batch.prompts))]
+    step_noise = [torch.Generator("cpu").manual_seed(v.seed + 10_000 + i) for i in range(len(batch.prompts))]
+    _, images = sample_images(trainee, batch, generators, step_noise)
+    return images, batch
+
+
+def sample_images(trainee: PipelineTrainee, batch: Batch, generators: list[torch.Generator],
+                  step_noise: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The pipeline's own sampling loop, without gradient and in eval mode: (final latents, images).
+
+    Image ``b`` starts from ``generators[b]``'s noise; stochastic scheduler steps draw from
+    ``step_noise[b]``. The current weights sample (LoRA enabled), as in validation and on-policy data.
+    """
+    cfg, adapter = trainee.cfg, trainee.adapter
     denoiser = pipelines.unwrap_model(adapter.denoiser)
     was_training = denoiser.training
     denoiser.eval()
     with torch.no_grad():
         cond = encode(adapter, cfg, batch.prompts, batch.images)
-        sched = adapter.schedule(cfg.sampling.num_steps, height=height, width=width)
-        x = adapter.prepare_latents(len(batch.prompts), height, width, generator=generators)
-        step_noise = [torch.Generator("cpu").manual_seed(v.seed + 10_000 + i) for i in range(len(batch.prompts))]
+        sched = adapter.schedule(cfg.sampling.num_steps, height=trainee.height, width=trainee.width)
+        x = adapter.prepare_latents(len(batch.prompts), trainee.height, trainee.width, generator=generators)
         for i in range(len(sched)):
             x = adapter.step(adapter.predict(x, sched, i, cond), sched, i, x, generator=step_noise)
         images = adapter.decode(x)
     denoiser.train(was_training)
-    return images, batch
+    return x, images
 
 
-__all__ = ["PipelineTrainee", "build_data", "encode", "score", "setup_pipeline", "validation_images"]
+__all__ = ["PipelineTrainee", "build_data", "encode", "sample_images", "score", "setup_pipeline", "validation_images"]

@@ -116,6 +116,8 @@ for _name, _target, _help in (
      "DRaFT-K / DRaFT-LV (Clark et al. 2024), AlignProp truncation (Prabhudesai et al. 2023)"),
     ("imagerefl", "imgalign.train.reward_backprop:IMAGEREFL",
      "ImageReFL (Sorokin et al. 2025): ReFL from real images + denoising loss"),
+    ("dpo", "imgalign.train.preference:DPO",
+     "Diffusion-DPO (Wallace et al. 2024) / H-DPO (dpo.alpha), on a pairs dataset or on-policy pairs"),
     ("reward", "imgalign.train.reward_model:REWARD_MODEL",
      "a reward model (head, LoRA or full) on preference pairs; also `imgalign train-reward`"),
 ):  # fmt: skip

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import imgalign  # noqa: F401  (registers the Shapes rewards)
 import pipelines
 import rewards
 from imgalign.cli import main
@@ -200,8 +199,9 @@ def test_shapes_build_runs_every_stage_and_records_a_verifiable_manifest(tmp_pat
     assert main(["shapes", "build", "--out", str(out), "--only", "vae"]) == 2
 
 
-def test_the_draft_recipe_is_the_demo_draft_run(tmp_path):
-    """recipes/shapes_verifier_draft.yaml reruns the demo's DRaFT training exactly."""
+@pytest.mark.parametrize("algo", ["draft", "dpo"])
+def test_the_shapes_recipe_is_the_demo_run(algo, tmp_path):
+    """recipes/shapes_verifier_<algo>.yaml reruns the demo's training of that method exactly."""
     from pathlib import Path
 
     from imgalign.shapes.demo import ALGORITHMS, training_config
@@ -209,8 +209,8 @@ def test_the_draft_recipe_is_the_demo_draft_run(tmp_path):
     from imgalign.train import load_method_config
 
     root = Path(__file__).resolve().parents[1]
-    recipe = to_dict(load_method_config("draft", root / "recipes" / "shapes_verifier_draft.yaml", [f"output_dir={tmp_path}"]))
-    demo = to_dict(training_config(ALGORITHMS["draft"], tmp_path))
+    recipe = to_dict(load_method_config(algo, root / "recipes" / f"shapes_verifier_{algo}.yaml", [f"output_dir={tmp_path}"]))
+    demo = to_dict(training_config(ALGORITHMS[algo], tmp_path))
     assert recipe["pipeline"] == "shapes"  # a named pipeline: the recipe runs from any directory
     recipe["validation"], demo["validation"] = None, None
     assert recipe == demo

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import imgalign  # noqa: F401  (registers the Shapes rewards)
 import rewards
 from imgalign.prompt_sets import prompt_set
 from imgalign.shapes import parse_caption, render_batch

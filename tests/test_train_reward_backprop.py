@@ -336,7 +336,7 @@ RECIPE_FAMILIES = {
 }
 
 
-SHAPES_RECIPES = ("shapes_verifier_draft.yaml",)  # run on the shipped Shapes weights, no stand-ins needed
+SHAPES_RECIPES = ("shapes_verifier_draft.yaml", "shapes_verifier_dpo.yaml")  # run on the shipped Shapes weights, no stand-ins needed
 
 
 def test_every_recipe_is_covered():

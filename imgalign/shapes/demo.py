@@ -84,9 +84,11 @@ ALGORITHMS: dict[str, Algorithm] = {
                   "imagerefl", {"imagerefl": {"start_step": 4, "window": [6, 9]}}),
         Algorithm("combined", "DRaFT-K LoRA used only for the last steps (combined generation, ImageReFL)", "draft",
                   {"draft": {"k": 4}}, sampler="combined", sampler_options={"switch_step": 5}),
+        Algorithm("dpo", "Diffusion-DPO (Wallace et al. 2024) on on-policy pairs: best vs worst of 4 samples under the "
+                  "learned reward", "dpo", {"data": {"source": "on_policy"}, "dpo": {"beta": 1000.0, "candidates": 4}}),
     )
 }  # fmt: skip
-NOT_AVAILABLE = ("dpo", "tpo", "grpo", "smart-grpo", "noise-search", "speculative")
+NOT_AVAILABLE = ("tpo", "grpo", "smart-grpo", "noise-search", "speculative")
 # Edit alignment: the Shapes edit model, the learned edit reward, judged by the oracle's edit judgement.
 EDIT_ALGORITHM = Algorithm(
     "edit-refl", "ReFL on the Shapes edit model with the learned edit reward (source images + instructions)", "refl",

@@ -17,7 +17,6 @@ from imgalign.train import Method, available_methods, get_method, register_metho
 from imgalign.train.config import PipelineTrainingConfig
 from imgalign.train.pipeline import setup_pipeline
 from imgalign.train.run import StepLoss
-from pipelines.architectures import build_pipeline
 from rewards import Reward, RewardInfo
 
 SIZE = 32
@@ -61,13 +60,6 @@ class FlatReward(Reward):
 
 
 rewards.register("test-flat", lambda **kw: FlatReward(), overwrite=True)
-
-
-@pytest.fixture(scope="module")
-def sd15_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("pipe") / "sd15"
-    build_pipeline("sd15", "tiny", seed=0).save_pretrained(path)
-    return str(path)
 
 
 def _recipe(tmp_path: Path, pipe: str, out: Path, **train) -> Path:

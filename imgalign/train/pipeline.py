@@ -100,6 +100,12 @@ def setup_pipeline(run: Run, *, needs_reward: bool = True, needs_images: bool = 
                          width=width, **extra)  # fmt: skip
 
 
+def check_pipeline(cfg: PipelineTrainingConfig) -> None:
+    """The check every pipeline method's config starts with: there is a pipeline to train."""
+    if not cfg.pipeline:
+        raise ValueError("no pipeline: set pipeline=<directory, hub id or a named pipeline such as shapes>")
+
+
 def build_data(cfg: PipelineTrainingConfig, adapter: DiffusionAdapter, num_processes: int, height: int, width: int,
                *, images: bool = False) -> PromptData | ImageCaptionData:  # fmt: skip
     """Prompts, or an image/caption folder for edit models and for methods that train on real images."""
@@ -147,7 +153,7 @@ def score(reward: rewards.Reward, images: torch.Tensor, prompts: list[str],
 
 def validation_images(trainee: PipelineTrainee) -> tuple[torch.Tensor, Batch]:
     """Fixed-seed images of the validation prompts (the same every time), and the batch they came from."""
-    cfg, adapter, data = trainee.cfg, trainee.adapter, trainee.data
+    cfg, data = trainee.cfg, trainee.data
     v, height, width = cfg.validation, trainee.height, trainee.width
     if isinstance(data, ImageCaptionData):
         n = min(v.num_images, len(data.items))
@@ -186,4 +192,4 @@ def sample_images(trainee: PipelineTrainee, batch: Batch, generators: list[torch
     return x, images
 
 
-__all__ = ["PipelineTrainee", "build_data", "encode", "sample_images", "score", "setup_pipeline", "validation_images"]
+__all__ = ["PipelineTrainee", "build_data", "check_pipeline", "encode", "sample_images", "score", "setup_pipeline", "validation_images"]

@@ -39,7 +39,7 @@ from .config import DataConfig, PipelineTrainingConfig
 from .data import Batch, PromptData, StepIndexedSampler, read_prompts
 from .forward_process import noise_to_step, target_at_step
 from .loop import randn_like_per_image
-from .pipeline import PipelineTrainee, sample_images, score, setup_pipeline
+from .pipeline import PipelineTrainee, check_pipeline, sample_images, score, setup_pipeline
 from .registry import Method
 from .run import MicroStep, Run, StepLoss
 
@@ -75,8 +75,7 @@ class DpoTrainingConfig(PipelineTrainingConfig):
 
 
 def check_config(cfg: DpoTrainingConfig) -> None:
-    if not cfg.pipeline:
-        raise ValueError("no pipeline: set pipeline=<directory, hub id or a named pipeline such as shapes>")
+    check_pipeline(cfg)
     if not cfg.lora.enabled:
         raise ValueError("dpo uses the LoRA-disabled network as its reference: set lora.enabled=true "
                          "(full fine-tuning with a frozen copy is not supported yet)")  # fmt: skip
@@ -155,11 +154,12 @@ def on_policy_pairs(trainee: DpoTrainee, micro: MicroStep) -> PreferencePairs:
         scores = score(trainee.reward, images, repeated.prompts, repeated.images).float().view(n, k)
     best, worst = scores.argmax(1), scores.argmin(1)
     gap = scores.max(1).values - scores.min(1).values
+    keep = gap > cfg.dpo.margin
     rows = torch.arange(n) * k
     latents = latents.detach()
     return PreferencePairs(batch.prompts, latents[rows + best.cpu()], latents[rows + worst.cpu()],
-                           keep=(gap > cfg.dpo.margin).cpu(), scores=scores.flatten(),
-                           metrics={"pair_gap": float(gap.mean()), "pairs_kept": float((gap > cfg.dpo.margin).float().mean())})  # fmt: skip
+                           keep=keep.cpu(), scores=scores.flatten(),
+                           metrics={"pair_gap": float(gap.mean()), "pairs_kept": float(keep.float().mean())})  # fmt: skip
 
 
 def dataset_pairs(trainee: DpoTrainee, micro: MicroStep) -> PreferencePairs:

@@ -54,7 +54,7 @@ from .config import PipelineTrainingConfig
 from .data import Batch, ImageCaptionData, StepIndexedSampler, read_image_folder
 from .forward_process import noise_to_step, target_at_step
 from .loop import randn_like_per_image
-from .pipeline import PipelineTrainee, score, setup_pipeline
+from .pipeline import PipelineTrainee, check_pipeline, score, setup_pipeline
 from .registry import Method
 from .run import MicroStep, Run, StepLoss
 
@@ -111,8 +111,7 @@ class RewardBackpropConfig(PipelineTrainingConfig):
 
 def check_config(cfg: RewardBackpropConfig) -> None:
     """Errors that are knowable before loading any model."""
-    if not cfg.pipeline:
-        raise ValueError("no pipeline: set pipeline=<directory, hub id or a named pipeline such as shapes>")
+    check_pipeline(cfg)
     if not cfg.reward:
         raise ValueError("no reward: set reward=<name> (see `imgalign score --list`) or reward={a: 1, b: 0.5}")
     T = cfg.sampling.num_steps

@@ -212,6 +212,18 @@ class DiffusionAdapter:
             sigmas = self.scheduler.sigmas.to(torch.float32)
         return Schedule(timesteps, height, width, sigmas=sigmas, prev_timesteps=prev)
 
+    def noise_level(self, schedule: Schedule, i: int) -> float:
+        """Where step ``i`` starts between the clean sample (0) and pure noise (1).
+
+        The flow models' sigma, or the epsilon/v models' timestep over the training horizon
+        (``t / num_train_timesteps``): one axis on which every family's steps can be split
+        into segments (timestep-segment DPO, the segment-routed sampler).
+        """
+        if self.is_flow:
+            return float(schedule.sigmas[i])
+        horizon = int(getattr(self.scheduler.config, "num_train_timesteps", 1000))
+        return float(schedule.timesteps[i]) / horizon
+
     def _set_timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 

@@ -150,7 +150,7 @@ def test_on_policy_pairs_below_the_margin_are_dropped(sd15_dir, tmp_path):
 def test_dpo_config_errors_are_one_line(sd15_dir, capsys):
     cases = {
         "dpo.beta=0": "dpo.beta must be a positive number",
-        "lora.enabled=false": "LoRA-disabled network as its reference",
+        "data.caption_dropout=1.5": "data.caption_dropout must be in [0, 1)",
         "data.source=pairs": "data.pairs=",
         "dpo.candidates=1": "dpo.candidates must be >= 2",
     }

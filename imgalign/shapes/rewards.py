@@ -17,7 +17,12 @@ from rewards import Reward, RewardInfo
 
 from .oracle import ATTRIBUTES, Judgement, judge
 
-ASPECTS = ("overall", "exact", "quality", *ATTRIBUTES)
+ASPECTS = ("overall", "exact", "quality", *ATTRIBUTES, "layout", "appearance")
+# The two halves of a caption that different sampling steps decide (timestep-segment DPO labels
+# its segments' pairs with them): where and how many (early, high-noise steps), and what the
+# shapes look like (late, low-noise steps).
+LAYOUT = ("count", "size", "position")
+APPEARANCE = ("background", "colour", "shape", "quality")
 
 
 class ShapesOracleReward(Reward):
@@ -39,7 +44,7 @@ class ShapesOracleReward(Reward):
 
     def _score(self, images: torch.Tensor, prompts: list[str], **cond) -> torch.Tensor:
         self.last_judgements = judge(images.detach().float().cpu(), prompts)
-        values = [float(getattr(j, self.aspect)) for j in self.last_judgements]
+        values = [aspect_of(j, self.aspect) for j in self.last_judgements]
         return torch.tensor(values, device=images.device)
 
     @torch.no_grad()
@@ -47,7 +52,7 @@ class ShapesOracleReward(Reward):
         """Every aspect of every image: ``overall``, ``exact``, ``quality`` and the six attributes."""
         images, texts, _ = self.validate(images, prompts, **cond)
         self.last_judgements = judge(images.detach().float().cpu(), texts)
-        return [{aspect: float(getattr(j, aspect)) for aspect in ASPECTS} for j in self.last_judgements]
+        return [{aspect: aspect_of(j, aspect) for aspect in ASPECTS} for j in self.last_judgements]
 
     def summarize_details(self, details: Sequence[dict[str, float]]) -> dict[str, float]:
         """Named as :func:`imgalign.shapes.oracle.summarize` names them (``exact_rate``, ``acc_<attribute>``)."""
@@ -56,6 +61,13 @@ class ShapesOracleReward(Reward):
         mean = lambda key: float(np.mean([row[key] for row in details]))  # noqa: E731
         return {"n": len(details), "overall": mean("overall"), "exact_rate": mean("exact"), "quality": mean("quality"),
                 **{f"acc_{a}": mean(a) for a in ATTRIBUTES}}  # fmt: skip
+
+
+def aspect_of(judgement: Judgement, aspect: str) -> float:
+    """One aspect of a judgement; ``layout`` and ``appearance`` are the means of their attributes."""
+    if aspect in ("layout", "appearance"):
+        return float(np.mean([getattr(judgement, a) for a in (LAYOUT if aspect == "layout" else APPEARANCE)]))
+    return float(getattr(judgement, aspect))
 
 
 def shapes_oracle(aspect: str = "overall") -> ShapesOracleReward:

@@ -31,7 +31,7 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,15 +121,22 @@ def randn_like_per_image(like: torch.Tensor, generators: list[torch.Generator]) 
 
 
 # ============================================================================ trainable weights
-def setup_trainable(adapter: pipelines.DiffusionAdapter, lora: LoraConfig) -> dict[str, torch.nn.Parameter]:
+def setup_trainable(adapter: pipelines.DiffusionAdapter, lora: LoraConfig,
+                    adapter_names: Sequence[str] = ("default",)) -> dict[str, torch.nn.Parameter]:  # fmt: skip
     """Add LoRA (default) or unfreeze the whole denoiser; return the trainable params by name.
+
+    Several ``adapter_names`` add one LoRA each (timestep-segment DPO's per-segment adapters).
 
     Full fine-tuning keeps the denoiser in fp32 (AdamW on half-precision weights loses
     small updates); the frozen VAE and text encoders stay in their dtype.
     """
     denoiser = pipelines.unwrap_model(adapter.denoiser)
     if lora.enabled:
-        pipelines.add_lora(adapter, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+        for name in adapter_names:
+            pipelines.add_lora(adapter, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
+                               adapter_name=name)  # fmt: skip
+        if len(adapter_names) > 1:  # peft trains only the active adapter: collect them all by name
+            return {n: p for n, p in denoiser.named_parameters() if any(f".{a}." in n for a in adapter_names)}
     else:
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(adapter.pipe, name, None)
@@ -235,13 +242,16 @@ class GradientStep:
         flag = torch.tensor([0.0 if self.loss_was_finite else 1.0], device=self.accelerator.device)
         if self.accelerator.num_processes == 1:
             return bool(flag.item())
+        # A parameter no process gave a gradient (e.g. an inactive segment adapter) keeps
+        # grad None, so the optimizer leaves it alone exactly as in a single-process run.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.detach().float().flatten() for g in grads] + [flag])
+        has_grad = torch.tensor([float(p.grad is not None) for p in self.params], device=flag.device)
+        flat = torch.cat([g.detach().float().flatten() for g in grads] + [has_grad, flag])
         flat = self.accelerator.reduce(flat, reduction="mean")
-        offset = 0
-        for p, g in zip(self.params, grads, strict=True):
+        offset, any_grad = 0, flat[-1 - len(self.params) : -1] > 0
+        for p, g, used in zip(self.params, grads, any_grad.tolist(), strict=True):
             n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype) if used else None
             offset += n
         return bool(flat[-1].item() > 0)
 

@@ -11,6 +11,7 @@ more keep a subclass of it in their own recipe file.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,18 @@ class PipelineTrainee(Trainee):
     def moving_state(self) -> dict[str, torch.nn.Module]:
         return {} if self.reward is None else {"reward": self.reward}
 
+    def prepare_step(self, schedule: pipelines.Schedule, i: int) -> None:
+        """Called before every sampling step: a trainee whose weights depend on the step (one LoRA per
+        timestep segment) switches them here."""
+
 
 def setup_pipeline(run: Run, *, needs_reward: bool = True, needs_images: bool = False,
                    data: PromptData | ImageCaptionData | None = None, trainee_class: type[PipelineTrainee] = PipelineTrainee,
-                   **extra: Any) -> PipelineTrainee:  # fmt: skip
+                   lora_names: Sequence[str] = ("default",), **extra: Any) -> PipelineTrainee:  # fmt: skip
     """Load the pipeline, add LoRA, load the reward, build the data (``needs_images``: image/caption folder).
 
     ``data`` replaces the prompts/images the config names (a method with its own data);
+    ``lora_names`` adds one LoRA per name (one per timestep segment);
     ``trainee_class`` and ``extra`` let a method keep its own fields on a subclass.
     """
     cfg: PipelineTrainingConfig = run.cfg
@@ -82,7 +88,7 @@ def setup_pipeline(run: Run, *, needs_reward: bool = True, needs_images: bool = 
                              device=run.device, attention=cfg.model.attention)  # fmt: skip
     if cfg.model.scheduler:
         adapter.set_scheduler(cfg.model.scheduler)
-    trainable = setup_trainable(adapter, cfg.lora)
+    trainable = setup_trainable(adapter, cfg.lora, lora_names)
     if loop.gradient_checkpointing:
         adapter.enable_gradient_checkpointing(vae=loop.vae_checkpointing)
     adapter.vae_checkpointing = loop.vae_checkpointing
@@ -186,6 +192,7 @@ def sample_images(trainee: PipelineTrainee, batch: Batch, generators: list[torch
         sched = adapter.schedule(cfg.sampling.num_steps, height=trainee.height, width=trainee.width)
         x = adapter.prepare_latents(len(batch.prompts), trainee.height, trainee.width, generator=generators)
         for i in range(len(sched)):
+            trainee.prepare_step(sched, i)
             x = adapter.step(adapter.predict(x, sched, i, cond), sched, i, x, generator=step_noise)
         images = adapter.decode(x)
     denoiser.train(was_training)

@@ -118,6 +118,12 @@ for _name, _target, _help in (
      "ImageReFL (Sorokin et al. 2025): ReFL from real images + denoising loss"),
     ("dpo", "imgalign.train.preference:DPO",
      "Diffusion-DPO (Wallace et al. 2024) / H-DPO (dpo.alpha), on a pairs dataset or on-policy pairs"),
+    ("tpo", "imgalign.train.segment_dpo:TPO",
+     "timestep-segment DPO (AlignHuman 2025): one LoRA per noise-level segment, each on its own pairs"),
+    ("kto", "imgalign.train.kto:KTO",
+     "Diffusion-KTO (Li et al. 2024): unpaired good/bad labels, from a file or on-policy"),
+    ("rwr", "imgalign.train.reward_weighted:RWR",
+     "reward-weighted fine-tuning (Lee et al. 2023) and advantage-weighted matching (AWM, 2025)"),
     ("reward", "imgalign.train.reward_model:REWARD_MODEL",
      "a reward model (head, LoRA or full) on preference pairs; also `imgalign train-reward`"),
 ):  # fmt: skip

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class PairDataConfig:
     label_key: str | None = None
     prompt_key: str | None = None
     source_key: str | None = None
+    skip_bad_rows: bool = False  # drop bad pairs (listed in one warning) instead of failing on them
 
 
 @dataclass
@@ -281,11 +283,25 @@ def load_trained_reward(base: dict, weights: str, mode: str = "head", trainable:
 
 
 # -- data ----------------------------------------------------------------------------------------
-IMAGE_A_KEYS = ("image_a", "image_0", "chosen_image", "image_left", "path_a")
-IMAGE_B_KEYS = ("image_b", "image_1", "rejected_image", "image_right", "path_b")
-LABEL_KEYS = ("label", "preference", "winner", "ranking")
+# Field names looked up in this order. Pick-a-Pic v1/v2 (``yuvalkirstain/pickapic_v2``) name
+# them ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (1: image 0 preferred, 0: image 1, 0.5: a
+# tie; ``label_1 = 1 - label_0`` adds nothing); ``label_0`` is read as P(image 0 better).
+IMAGE_A_KEYS = ("image_a", "image_0", "chosen_image", "image_left", "path_a", "jpg_0")
+IMAGE_B_KEYS = ("image_b", "image_1", "rejected_image", "image_right", "path_b", "jpg_1")
+LABEL_KEYS = ("label", "preference", "winner", "ranking", "label_0")
 PROMPT_KEYS = ("prompt", "instruction", "caption", "text")
 SOURCE_KEYS = ("source_image", "source", "input_image", "src_image")
+
+#: The smallest image side (pixels) a pair may have. Anything smaller is a placeholder or a
+#: broken export, not a picture anyone judged: 8 px is one latent cell of an 8x VAE.
+MIN_IMAGE_SIDE = 8
+#: Two images of a pair whose aspect ratios differ by more than this (relative) are a "wrong
+#: size" row: both are resized to one square, so they would be distorted differently and the
+#: distortion would become part of what the preference teaches. A pure difference in scale is
+#: fine (Pick-a-Pic holds both 512^2 and 768^2 generations).
+ASPECT_TOLERANCE = 0.01
+#: Bad rows listed by number in the error / warning; the rest are counted.
+MAX_LISTED_BAD_ROWS = 10
 
 
 @dataclass
@@ -298,8 +314,103 @@ class Pair:
     aspect_targets: list[float]  # NaN where unlabelled
 
 
+class BadRow(ValueError):
+    """One record that cannot be a training pair; the message is a short reason (no row number)."""
+
+
 def _resize(image: Tensor, size: int) -> Tensor:
     return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)[0]
+
+
+def _describe(value) -> str:
+    """A short, one-line name for an image field's value (a path, a byte count, a struct)."""
+    if isinstance(value, dict):  # the Hugging Face Image struct: the path names it, the bytes are what is read
+        data, name = value.get("bytes"), value.get("path")
+        if name and data:
+            return f"{_describe(name)} ({len(bytes(data))} bytes)"
+        value = name or data
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"({len(bytes(value))} bytes)"
+    if isinstance(value, str) and value.startswith("data:"):
+        return "(a data: URL)"
+    text = repr(str(value)) if isinstance(value, (str, os.PathLike)) else type(value).__name__
+    return text if len(text) <= 80 else text[:38] + "..." + text[-38:]
+
+
+def _read_image(record: dict, key: str, base_dir: Path) -> Tensor:
+    """``record[key]`` decoded to ``[1, 3, H, W]``, or :class:`BadRow` saying what is wrong with it."""
+    value = record.get(key)
+    if value is None or (isinstance(value, (str, bytes)) and not value):
+        raise BadRow(f"no {key}")
+    try:
+        image = load_image_value(value, base_dir)
+    except FileNotFoundError:
+        raise BadRow(f"{key} {_describe(value)} not found") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"; say which
+        from PIL import UnidentifiedImageError
+
+        why = "not an image format PIL reads" if isinstance(err, UnidentifiedImageError) else " ".join(str(err).split())[:80]
+        raise BadRow(f"{key} {_describe(value)} does not decode ({why})") from None
+    h, w = image.shape[-2:]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise BadRow(f"{key} is {w}x{h} px (smaller than {MIN_IMAGE_SIDE} px)")
+    return image
+
+
+def _read_label(value, what: str = "label") -> float:
+    """A label as P(A better); ``None``/NaN is unlabelled (NaN), anything unreadable a :class:`BadRow`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    try:
+        return P.label_to_target(value)
+    except ValueError:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise BadRow(f"unknown {what} {shown}") from None
+
+
+def _read_pair(record: dict, keys: dict[str, str | None], base_dir: Path, size: int, aspects: Sequence[str]) -> Pair:
+    """One record as a :class:`Pair`; every problem of the record in one :class:`BadRow`."""
+    problems: list[str] = []
+    images: dict[str, Tensor] = {}
+    for side in ("a", "b", "source"):
+        key = keys[side]
+        if key is None or (side == "source" and record.get(key) is None):
+            continue
+        try:
+            images[side] = _read_image(record, key, base_dir)
+        except BadRow as err:
+            problems.append(str(err))
+    if "a" in images and "b" in images:
+        (ha, wa), (hb, wb) = images["a"].shape[-2:], images["b"].shape[-2:]
+        if abs((wa / ha) / (wb / hb) - 1) > ASPECT_TOLERANCE:
+            problems.append(f"{keys['a']} is {wa}x{ha} but {keys['b']} is {wb}x{hb} (different shapes)")
+    target = math.nan
+    if keys["label"]:
+        try:
+            target = _read_label(record.get(keys["label"]))
+        except BadRow as err:
+            problems.append(str(err))
+    labels = record.get("labels") or {}
+    aspect_targets = []
+    for aspect in aspects:
+        try:
+            aspect_targets.append(_read_label(labels.get(aspect) if isinstance(labels, dict) else None,
+                                              f"{aspect} label"))
+        except BadRow as err:
+            problems.append(str(err))
+    if problems:
+        raise BadRow(", ".join(problems))
+    prompt = record.get(keys["prompt"]) if keys["prompt"] else None
+    source = images.get("source")
+    return Pair(image_a=_resize(images["a"], size), image_b=_resize(images["b"], size), prompt=prompt,
+                source=_resize(source, size) if source is not None else None, target=target,
+                aspect_targets=aspect_targets)  # fmt: skip
+
+
+def _bad_rows_listing(bad: list[tuple[int, str]]) -> str:
+    listed = "; ".join(f"row {number}: {reason}" for number, reason in bad[:MAX_LISTED_BAD_ROWS])
+    more = len(bad) - MAX_LISTED_BAD_ROWS
+    return listed + (f"; and {more} more" if more > 0 else "")
 
 
 def load_pairs(path: str, cfg: PairDataConfig, aspects: Sequence[str] = ()) -> list[Pair]:
@@ -307,34 +418,45 @@ def load_pairs(path: str, cfg: PairDataConfig, aspects: Sequence[str] = ()) -> l
 
     Record fields: ``image_a``/``image_b`` (path, bytes or ``{"bytes","path"}``), ``prompt``
     (or ``instruction``), optional ``source_image`` (edits), ``label`` ("A"/"B"/"tie" or a
-    probability that A is better) and, with aspects, ``labels: {aspect: label}``.
+    probability that A is better) and, with aspects, ``labels: {aspect: label}``. Pick-a-Pic's
+    own columns (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) are recognised too; a missing
+    label (``None``) is an unlabelled pair (target NaN).
+
+    Every record is checked before anything trains. A *bad row* has a missing or unreadable
+    image (no field, file not found, bytes that do not decode), an unknown label, or a wrong
+    size (a side shorter than :data:`MIN_IMAGE_SIDE` px, or the two images of the pair of
+    different aspect ratios, see :data:`ASPECT_TOLERANCE`). Bad rows raise one ``ValueError``
+    listing them by record number (1-based, in file order); with ``cfg.skip_bad_rows`` they
+    are dropped and listed in one warning instead.
     """
     records = read_records(path)
     if not records:
         raise ValueError(f"{path}: no preference pairs")
-    first = records[0]
-    key_a = find_key(first, cfg.image_a_key, IMAGE_A_KEYS, "image A")
-    key_b = find_key(first, cfg.image_b_key, IMAGE_B_KEYS, "image B")
-    key_label = find_key(first, cfg.label_key, LABEL_KEYS, "label", required=not aspects)
-    key_prompt = find_key(first, cfg.prompt_key, PROMPT_KEYS, "prompt", required=False)
-    key_source = find_key(first, cfg.source_key, SOURCE_KEYS, "source image", required=False)
+    # every field any record has (JSONL records may differ), in first-seen order
+    fields = dict.fromkeys(key for record in records for key in record)
+    keys = {
+        "a": find_key(fields, cfg.image_a_key, IMAGE_A_KEYS, "image A"),
+        "b": find_key(fields, cfg.image_b_key, IMAGE_B_KEYS, "image B"),
+        "label": find_key(fields, cfg.label_key, LABEL_KEYS, "label", required=not aspects),
+        "prompt": find_key(fields, cfg.prompt_key, PROMPT_KEYS, "prompt", required=False),
+        "source": find_key(fields, cfg.source_key, SOURCE_KEYS, "source image", required=False),
+    }
     base_dir = dataset_base_dir(path)
-    pairs = []
+    pairs: list[Pair] = []
+    bad: list[tuple[int, str]] = []
     for number, record in enumerate(records, 1):
         try:
-            # a missing label is None in Parquet / datasets rows (every row has every column)
-            target = P.label_to_target(record[key_label]) if key_label and record.get(key_label) is not None else math.nan
-            labels = record.get("labels") or {}
-            aspect_targets = [P.label_to_target(labels[a]) if labels.get(a) is not None else math.nan for a in aspects]
-            source = record.get(key_source) if key_source else None
-            pairs.append(Pair(
-                image_a=_resize(load_image_value(record[key_a], base_dir), cfg.image_size),
-                image_b=_resize(load_image_value(record[key_b], base_dir), cfg.image_size),
-                prompt=record.get(key_prompt) if key_prompt else None,
-                source=_resize(load_image_value(source, base_dir), cfg.image_size) if source is not None else None,
-                target=target, aspect_targets=aspect_targets))
-        except (KeyError, ValueError, OSError) as err:
-            raise ValueError(f"{path}: record {number}: {type(err).__name__}: {err}") from None
+            pairs.append(_read_pair(record, keys, base_dir, cfg.image_size, aspects))
+        except BadRow as err:
+            bad.append((number, str(err)))
+    if not bad:
+        return pairs
+    count = f"{len(bad)} bad row{'s' if len(bad) != 1 else ''} of {len(records)}"
+    if not cfg.skip_bad_rows:
+        raise ValueError(f"{path}: {count} (set data.skip_bad_rows=true to train without them): {_bad_rows_listing(bad)}")
+    if not pairs:
+        raise ValueError(f"{path}: every row is bad ({count}): {_bad_rows_listing(bad)}")
+    warnings.warn(f"{path}: skipped {count} (data.skip_bad_rows=true): {_bad_rows_listing(bad)}", stacklevel=2)
     return pairs
 
 

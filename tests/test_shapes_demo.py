@@ -199,9 +199,10 @@ def test_shapes_build_runs_every_stage_and_records_a_verifiable_manifest(tmp_pat
     assert main(["shapes", "build", "--out", str(out), "--only", "vae"]) == 2
 
 
-@pytest.mark.parametrize("algo", ["draft", "dpo"])
-def test_the_shapes_recipe_is_the_demo_run(algo, tmp_path):
-    """recipes/shapes_verifier_<algo>.yaml reruns the demo's training of that method exactly."""
+@pytest.mark.parametrize("algo, recipe", [("draft", "shapes_verifier_draft"), ("dpo", "shapes_verifier_dpo"),
+                                          ("tpo", "shapes_oracle_tpo")])  # fmt: skip
+def test_the_shapes_recipe_is_the_demo_run(algo, recipe, tmp_path):
+    """recipes/shapes_<labeller>_<algo>.yaml reruns the demo's training of that method exactly."""
     from pathlib import Path
 
     from imgalign.shapes.demo import ALGORITHMS, training_config
@@ -209,7 +210,7 @@ def test_the_shapes_recipe_is_the_demo_run(algo, tmp_path):
     from imgalign.train import load_method_config
 
     root = Path(__file__).resolve().parents[1]
-    recipe = to_dict(load_method_config(algo, root / "recipes" / f"shapes_verifier_{algo}.yaml", [f"output_dir={tmp_path}"]))
+    recipe = to_dict(load_method_config(algo, root / "recipes" / f"{recipe}.yaml", [f"output_dir={tmp_path}"]))
     demo = to_dict(training_config(ALGORITHMS[algo], tmp_path))
     assert recipe["pipeline"] == "shapes"  # a named pipeline: the recipe runs from any directory
     recipe["validation"], demo["validation"] = None, None

@@ -26,10 +26,9 @@ from safetensors.torch import load_file
 import pipelines
 import rewards
 from imgalign.cli import main
-from imgalign.images import save_png
 from imgalign.train import reward_backprop as rb
 from imgalign.train.checkpoint import list_checkpoints
-from imgalign.train.config import ConfigError, LoraConfig, load_config, load_yaml, parse_overrides
+from imgalign.train.config import ConfigError, LoraConfig, load_config, parse_overrides
 from imgalign.train.data import Batch
 from imgalign.train.forward_process import noise_to_step, target_at_step
 from imgalign.train.loop import TrainingDiverged, setup_trainable, step_generators
@@ -95,28 +94,8 @@ for _name, _factory in {"test-red": RedReward, "test-red-edit": RedEditReward, "
     rewards.register(_name, lambda _f=_factory, **kw: _f(**kw), overwrite=True)
 
 
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def pipe_dirs(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("pipes")
-    out = {}
-    for family in ("sd15", "sdxl", "sd3", "instruct-pix2pix"):
-        build_pipeline(family, "tiny", seed=0).save_pretrained(root / family)
-        out[family] = str(root / family)
-    return out
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """Three 'real' images with same-name captions (ImageReFL data / edit sources)."""
-    folder = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(7)
-    for i, caption in enumerate(PROMPTS):
-        save_png(torch.rand(3, SIZE, SIZE, generator=g), folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(caption)
-    return folder
-
-
+# ----------------------------------------------------------------------------- helpers
+# (the tiny pipelines and the image folder are the `pipe_dirs` / `image_folder` fixtures of conftest.py)
 def _overrides(pipe_dir: str, out: Path, **extra) -> list[str]:
     base = {
         "pipeline": pipe_dir, "reward": "test-red", "output_dir": str(out), "data.prompts": json.dumps(PROMPTS),
@@ -325,54 +304,6 @@ def test_train_cli_prints_config_and_reports_bad_input_in_one_line(tmp_path, cap
     assert main(["train", "draft", "--config", str(recipe), "--print-config"]) == 2  # recipe says refl
     assert "recipe says method" in capsys.readouterr().err
     assert main(["train", "refl", "--config", str(recipe), "optim.bogus=1"]) == 2
-
-
-# ----------------------------------------------------------------------------- recipes
-RECIPE_FAMILIES = {
-    "sd15_hpsv2_refl.yaml": "sd15",
-    "sdxl_pickscore_draft_lv.yaml": "sdxl",
-    "sd35_imagereward_refl.yaml": "sd3",
-    "ip2p_editreward_refl.yaml": "instruct-pix2pix",
-}
-
-
-SHAPES_RECIPES = ("shapes_verifier_draft.yaml", "shapes_verifier_dpo.yaml")  # run on the shipped Shapes weights, no stand-ins needed
-
-
-def test_every_recipe_is_covered():
-    assert sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")) == sorted([*RECIPE_FAMILIES, *SHAPES_RECIPES])
-
-
-@pytest.mark.parametrize("recipe", SHAPES_RECIPES)
-def test_shapes_recipe_runs_as_shipped(recipe, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the recipe names the shipped model, so it runs from any directory
-    path = ROOT / "recipes" / recipe
-    method = load_yaml(path)["method"]
-    overrides = [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2", "sampling.num_steps=6",
-                 "validation.num_images=2"]  # fmt: skip
-    result = train(load_method_config(method, path, overrides))
-    assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()
-
-
-@pytest.mark.parametrize("recipe", sorted(RECIPE_FAMILIES))
-def test_recipe_resolves_and_runs_two_steps_with_tiny_stand_ins(recipe, pipe_dirs, image_folder, tmp_path):
-    path = ROOT / "recipes" / recipe
-    family = RECIPE_FAMILIES[recipe]
-    method = load_yaml(path)["method"]
-    published = load_method_config(method, path, [])  # resolves as shipped
-    edit = family == "instruct-pix2pix"
-    if edit:
-        assert published.reward == "editreward"  # swapped below: the registry may not have it yet
-    overrides = [
-        f"pipeline={pipe_dirs[family]}", f"reward={'test-red-edit' if edit else 'test-red'}", "reward_options={}",
-        f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=1", "train.gradient_accumulation_steps=1",
-        "train.mixed_precision=no", "train.report_to=[]", f"sampling.height={SIZE}", f"sampling.width={SIZE}",
-        "train.checkpoint_every=1", "validation.every=0", "validation.num_images=1",
-        f"data.prompts={json.dumps(PROMPTS)}", f"data.images={image_folder}",
-    ]  # fmt: skip
-    result = train(load_method_config(method, path, overrides))
-    assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()
-    assert all(m.get("skipped", 0) == 0 for m in result.metrics)
 
 
 # ----------------------------------------------------------------------------- multi-process

@@ -22,6 +22,7 @@ within-prompt pairs. ``--algo compare`` shows both; the README has the measured 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,11 @@ COMMON = {
     "validation": {"num_images": 0},
 }
 
+# Timestep-segment DPO's labellers: the half of the oracle each segment decides (seg0 = the
+# late, low-noise steps; seg1 = the early, high-noise ones).
+TPO_SEGMENTS = [{"reward": "shapes-oracle", "reward_options": {"aspect": "appearance"}},
+                {"reward": "shapes-oracle", "reward_options": {"aspect": "layout"}}]  # fmt: skip
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
@@ -86,9 +92,14 @@ ALGORITHMS: dict[str, Algorithm] = {
                   {"draft": {"k": 4}}, sampler="combined", sampler_options={"switch_step": 5}),
         Algorithm("dpo", "Diffusion-DPO (Wallace et al. 2024) on on-policy pairs: best vs worst of 4 samples under the "
                   "learned reward", "dpo", {"data": {"source": "on_policy"}, "dpo": {"beta": 1000.0, "candidates": 4}}),
+        Algorithm("tpo", "timestep-segment DPO (AlignHuman 2025): a LoRA for the early steps trained on pairs labelled "
+                  "by the oracle's layout, one for the late steps on its appearance; sampled with the routed sampler",
+                  "tpo", {"reward": "shapes-oracle", "data": {"source": "on_policy"},
+                          "tpo": {"beta": 1000.0, "candidates": 4, "per_segment": TPO_SEGMENTS}},
+                  sampler="segments"),
     )
 }  # fmt: skip
-NOT_AVAILABLE = ("tpo", "grpo", "smart-grpo", "noise-search", "speculative")
+NOT_AVAILABLE = ("grpo", "smart-grpo", "noise-search", "speculative")
 # Edit alignment: the Shapes edit model, the learned edit reward, judged by the oracle's edit judgement.
 EDIT_ALGORITHM = Algorithm(
     "edit-refl", "ReFL on the Shapes edit model with the learned edit reward (source images + instructions)", "refl",
@@ -306,7 +317,7 @@ def run_demo(
     from ..evaluation import evaluate, paired_gain
     from ..images import save_grid
     from ..prompt_sets import prompt_set
-    from ..sampling import best_candidates, best_of_n_candidates, run_sampler
+    from ..sampling import best_candidates, best_of_n_candidates, load_routing, load_segment_loras, run_sampler
     from ..train.run import train
 
     if algo == EDIT_ALGORITHM.name:
@@ -352,7 +363,12 @@ def run_demo(
             log(f"aligning with {name}: {method.summary}; {cfg.train.max_steps} steps of {cfg.train.batch_size} prompts")
             result = train(cfg)
             history, config_path = result.metrics, run_dir / "config.yaml"
-            pipelines.load_lora(adapter, result.weights_dir)
+            if method.sampler == "segments":  # one LoRA per segment, and the routing file beside them
+                routing = load_routing(result.weights_dir)
+                load_segment_loras(adapter, routing, result.weights_dir)
+                method = dataclasses.replace(method, sampler_options={**method.sampler_options, "routing": routing})
+            else:
+                pipelines.load_lora(adapter, result.weights_dir)
         else:
             log(f"{name}: {method.summary}")
         options, kept = dict(method.sampler_options), []

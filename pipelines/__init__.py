@@ -25,7 +25,19 @@ from . import registry
 from .adapter import Conditioning, DiffusionAdapter, Schedule, cond_batch_size
 from .attention import BACKENDS, AttentionBackendError
 from .flow import FluxAdapter, FluxKontextAdapter, StableDiffusion3Adapter
-from .lora import add_lora, has_lora, load_lora, lora_disabled, lora_parameters, save_lora, unwrap_model
+from .lora import (
+    active_loras,
+    add_lora,
+    has_lora,
+    load_lora,
+    lora_disabled,
+    lora_names,
+    lora_parameters,
+    lora_state_restored,
+    save_lora,
+    set_active_lora,
+    unwrap_model,
+)
 from .registry import available, register
 from .shapes import ShapesAdapter, ShapesPipeline
 from .shapes_edit import ShapesEditAdapter, ShapesEditPipeline
@@ -135,6 +147,7 @@ __all__ = [
     "StableDiffusionXLAdapter",
     "StepOutput",
     "UnsupportedPipelineError",
+    "active_loras",
     "add_lora",
     "adapter_for",
     "available",
@@ -147,9 +160,12 @@ __all__ = [
     "load",
     "load_lora",
     "lora_disabled",
+    "lora_names",
     "lora_parameters",
+    "lora_state_restored",
     "register",
     "register_adapter",
     "save_lora",
+    "set_active_lora",
     "unwrap_model",
 ]

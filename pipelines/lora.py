@@ -3,6 +3,9 @@
 * ``add_lora`` injects adapters with peft (``denoiser.add_adapter``); only they train.
 * ``lora_disabled`` turns them off temporarily: the disabled model *is* the reference
   model (DPO, GRPO's KL), with no second copy in memory.
+* ``set_active_lora`` / ``active_loras`` switch between several named adapters on one
+  denoiser (one per timestep segment in timestep-segment DPO); ``lora_state_restored`` puts
+  the switches back afterwards.
 * ``save_lora`` unwraps accelerate/DDP/``torch.compile`` wrappers first (a LoRA saved
   under a ``module.`` or ``_orig_mod.`` prefix reloads with no effect: flow_grpo #87),
   converts peft keys to the diffusers layout and writes ``pytorch_lora_weights.safetensors``
@@ -89,6 +92,76 @@ def lora_disabled(adapter: DiffusionAdapter) -> Iterator[None]:
         denoiser.enable_adapters()
 
 
+def lora_names(adapter: DiffusionAdapter) -> list[str]:
+    """Names of the LoRA adapters loaded on the denoiser, active or not, in loading order."""
+    return list(getattr(unwrap_model(adapter.denoiser), "peft_config", None) or {})
+
+
+def active_loras(adapter: DiffusionAdapter) -> list[str]:
+    """The LoRA adapters the denoiser's forward uses now; empty when none is loaded or all are disabled.
+
+    Read from the LoRA layers themselves (not from a flag kept beside them), so it reports
+    what a forward pass will actually run.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names: list[str] = []
+    for module in unwrap_model(adapter.denoiser).modules():
+        if isinstance(module, BaseTunerLayer) and not module.disable_adapters:
+            names += [n for n in module.active_adapters if n not in names]
+    return names
+
+
+def set_active_lora(adapter: DiffusionAdapter, name: str | Sequence[str] | None) -> None:
+    """Make exactly the adapter ``name`` active on the denoiser; ``None`` disables all (the base model).
+
+    A sequence of names activates those adapters together. Uses diffusers' ``set_adapter`` /
+    ``enable_adapters`` / ``disable_adapters``. Side effect, from peft: switching also sets
+    ``requires_grad``, True on the active adapters' parameters and False on all the others (on
+    every adapter's when disabled). So a trainer that keeps several adapters' parameters in one
+    optimizer must collect them by name, not by ``requires_grad``; and code that switches
+    adapters on a model being trained should run inside :func:`lora_state_restored`.
+    """
+    denoiser = unwrap_model(adapter.denoiser)
+    loaded = lora_names(adapter)
+    if name is None:
+        if loaded:
+            denoiser.disable_adapters()
+        return
+    names = [name] if isinstance(name, str) else list(name)
+    if not names:
+        raise ValueError("set_active_lora takes an adapter name, a list of names, or None (the base model)")
+    missing = [n for n in names if n not in loaded]
+    if missing:
+        raise ValueError(
+            f"no LoRA adapter named {missing[0]!r} on the {adapter.denoiser_name}; loaded: {', '.join(loaded) or 'none'}"
+        )
+    denoiser.enable_adapters()
+    denoiser.set_adapter(names)
+
+
+@contextlib.contextmanager
+def lora_state_restored(adapter: DiffusionAdapter) -> Iterator[None]:
+    """Switch adapters freely inside the block; on exit they are as they were on entry.
+
+    Restores each LoRA layer's active adapters and disabled flag, and every LoRA parameter's
+    ``requires_grad`` (which switching changes, see :func:`set_active_lora`).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    denoiser = unwrap_model(adapter.denoiser)
+    layers = [(m, list(m.active_adapters), m.disable_adapters) for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for n, p in denoiser.named_parameters() if "lora_" in n]
+    try:
+        yield
+    finally:
+        for module, active, disabled in layers:
+            module.set_adapter(active)
+            module.enable_adapters(not disabled)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def save_lora(adapter: DiffusionAdapter, directory: str | os.PathLike, *, adapter_name: str = "default") -> Path:
     """Write the LoRA in the diffusers format, atomically (temporary directory, then rename)."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -136,11 +209,15 @@ def _frozen_modules(adapter: DiffusionAdapter) -> list[torch.nn.Module]:
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "active_loras",
     "add_lora",
     "has_lora",
     "load_lora",
     "lora_disabled",
+    "lora_names",
     "lora_parameters",
+    "lora_state_restored",
     "save_lora",
+    "set_active_lora",
     "unwrap_model",
 ]

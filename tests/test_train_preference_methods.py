@@ -236,3 +236,52 @@ def test_tpo_config_errors_are_one_line(sd15_dir, capsys):
         args = ["train", "tpo", "--print-config", f"pipeline={sd15_dir}", "reward=test-dpo-red", override]
         assert main(args) == 2
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- multi-process
+@pytest.mark.slow
+def test_two_process_tpo_ends_with_the_same_segment_adapters_on_both_processes(sd15_dir, tmp_path):
+    """Two CPU processes (gloo): the segment trained at a step is averaged, the other keeps no gradient on either."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "launch_tpo.py"
+    script.write_text(textwrap.dedent(f"""
+        import dataclasses, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from safetensors.torch import save_file
+        torch.set_num_threads(1)
+        import test_train_preference  # registers the tiny reward
+        from imgalign.cli import main
+        from imgalign.train import get_method, register_method
+
+        method, kept = get_method("tpo"), {{}}
+
+        def setup(run):
+            kept["trainee"], kept["rank"] = method.setup(run), run.process_index
+            return kept["trainee"]
+
+        register_method(dataclasses.replace(method, setup=setup), overwrite=True)
+        code = main(sys.argv[1:])
+        state = {{n: p.detach().contiguous() for n, p in kept["trainee"].trainable.items()}}
+        save_file(state, {str(tmp_path)!r} + f"/rank-{{kept['rank']}}.safetensors")
+        sys.exit(code)
+    """))
+    out = tmp_path / "ddp"
+    args = ["train", "tpo", *_overrides(sd15_dir, out, reward="test-dpo-red", train__max_steps=2, train__batch_size=1,
+                                        tpo__candidates=2, tpo__num_timesteps=20, tpo__beta=200, optim__lr=1e-3)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(script), *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["segment"] for m in _metrics(out)] == [0.0, 1.0]
+    rank0, rank1 = load_file(tmp_path / "rank-0.safetensors"), load_file(tmp_path / "rank-1.safetensors")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    for segment in ("seg0", "seg1"):
+        assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k and f".{segment}." in k), segment

@@ -12,14 +12,21 @@ import json
 from pathlib import Path
 
 from . import CommandError
-from .sample import PIPELINE_HELP, SAMPLER_CHOICES, add_best_of_n_arguments, sampler_options
+from .sample import (
+    PIPELINE_HELP,
+    SAMPLER_CHOICES,
+    add_best_of_n_arguments,
+    add_lora_arguments,
+    lora_choice,
+    sampler_options,
+)
 
 HELP = "Evaluate a generator: K images per prompt, scored by rewards, with bootstrap intervals."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help=PIPELINE_HELP)
-    parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory")
+    add_lora_arguments(parser)
     parser.add_argument("--sampler", default="ode", choices=SAMPLER_CHOICES)
     parser.add_argument("--switch-step", type=int, default=None, help="combined: steps run by the base model")
     parser.add_argument("--aig-power", type=float, default=1.0)
@@ -65,31 +72,37 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluation import evaluate, markdown_table
     from ..images import save_grid
-    from ..sampling import run_sampler
+    from ..sampling import plan_segments, run_sampler
 
     prompts = prompt_list(args)
     if args.images_per_prompt < 1 or args.steps < 1:
         raise CommandError("--images-per-prompt and --steps must be positive")
     best_of_n = sampler_options(args)
+    loras = lora_choice(args)
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
     scorers = {name: rewards.load(name) for name in names}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     adapter = pipelines.load(args.pipeline, dtype=torch.float32, device=device)
-    if args.lora is not None:
-        pipelines.load_lora(adapter, args.lora)
+    loras.load(adapter)
     height, width = adapter.check_size(args.height, args.width)
+    segment_record = {}
+    if loras.routing is not None:  # also checks --skip against the schedule before any model call
+        plan = plan_segments(adapter, loras.routing, args.steps, skip=loras.skip, height=height, width=width)
+        segment_record = {"function_evaluations": plan.function_evaluations, "steps_per_segment": plan.steps_per_segment}
     guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
 
     def sample(batch_prompts, generators):
         return run_sampler(
             args.sampler, adapter, batch_prompts, switch_step=args.switch_step, aig_power=args.aig_power,
-            num_steps=args.steps, height=height, width=width, generator=generators, **best_of_n, **guidance,
+            routing=loras.routing, skip=loras.skip, num_steps=args.steps, height=height, width=width,
+            generator=generators, **best_of_n, **guidance,
         )  # fmt: skip
 
     result = evaluate(sample, prompts, scorers, images_per_prompt=args.images_per_prompt, seed=args.seed,
                       batch_size=args.batch_size)  # fmt: skip
     summary = result.summary()
     summary["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "run"}
+    summary["settings"].update(loras.record(), **segment_record)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(summary)

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import CommandError
 
+if TYPE_CHECKING:
+    from ..sampling.segments import SegmentRouting
+
 HELP = "Generate images with a diffusers pipeline (PNG files, samples.jsonl, grid.png)."
 # imgalign.sampling.SAMPLERS, spelled out so that parsing arguments does not import torch.
-SAMPLER_CHOICES = ["ode", "combined", "aig", "best-of-n"]
+SAMPLER_CHOICES = ["ode", "combined", "aig", "best-of-n", "segments"]
 
 # Names come from pipelines.register and installed packages' "imgalign.pipelines" entry points.
 PIPELINE_HELP = "pipeline directory, hub id, or registered name ('shapes', 'shapes-edit' = the shipped Shapes models)"
@@ -38,11 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4, help="images generated together (default 4)")
-    parser.add_argument("--lora", type=Path, help="a diffusers-format LoRA directory to load")
+    add_lora_arguments(parser)
     parser.add_argument("--sampler", default="ode", choices=SAMPLER_CHOICES,
                         help="ode: the pipeline's own loop; combined: base model for the first --switch-step "
                              "steps, then the LoRA; aig: s*base + (1-s)*tuned with s = 1-(i/T)^p (needs --lora); "
-                             "best-of-n: the best of --best-of samples under --sampler-reward")
+                             "best-of-n: the best of --best-of samples under --sampler-reward; segments: each "
+                             "noise-level segment runs its own LoRA (timestep-segment DPO)")
     parser.add_argument("--switch-step", type=int, default=None,
                         help="combined: steps run by the base model (default: 3/4 of --steps, ImageReFL's 30/40)")
     parser.add_argument("--aig-power", type=float, default=1.0, help="aig: the power p (default 1)")
@@ -51,6 +58,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", action="append", metavar="DIR | segK=DIR",
+                        help="a diffusers-format LoRA directory to load; with --sampler segments also segK=DIR "
+                             "(repeat; segment k's LoRA, seg0 = the lowest noise levels) or a directory holding "
+                             "routing.json (imgalign train tpo writes one)")
+    parser.add_argument("--segments", default=None, metavar="0,0.5,1",
+                        help="segments: noise-level boundaries of the segK LoRAs (default: an even split)")
+    parser.add_argument("--skip", action="append", default=None, metavar="segK:STEPS",
+                        help="segments: run segment k with STEPS evenly spaced steps over its noise range (repeat)")
 
 
 def add_best_of_n_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +89,135 @@ def sampler_options(args: argparse.Namespace) -> dict:
     import rewards
 
     return {"reward": rewards.load(args.sampler_reward), "n": args.best_of}
+
+
+SEGMENT_NAME = re.compile(r"seg(\d+)")
+
+
+@dataclass
+class LoraChoice:
+    """The LoRAs that --lora, --segments and --skip ask for, and the segment routing (``--sampler segments``)."""
+
+    directory: Path | None = None  # one LoRA (loaded as "default"), or the directory holding routing.json
+    named: dict[int, Path] = field(default_factory=dict)  # --lora segK=DIR
+    routing: SegmentRouting | None = None  # --sampler segments only
+    skip: dict[int, int] = field(default_factory=dict)
+    from_routing_file: bool = False
+
+    def load(self, adapter: Any) -> None:
+        import pipelines
+
+        from ..sampling import load_segment_loras
+
+        if self.from_routing_file:
+            load_segment_loras(adapter, self.routing, self.directory)
+        elif self.directory is not None:
+            pipelines.load_lora(adapter, self.directory)
+        for k, directory in self.named.items():
+            pipelines.load_lora(adapter, directory, adapter_name=f"seg{k}")
+
+    def record(self) -> dict[str, Any]:
+        """What a per-image record says about the LoRAs (and, for the segments sampler, the routing)."""
+        lora: Any = str(self.directory) if self.directory is not None else None
+        if self.named:
+            lora = {f"seg{k}": str(d) for k, d in sorted(self.named.items())}
+        record: dict[str, Any] = {"lora": lora}
+        if self.routing is not None:
+            record["routing"] = {"boundaries": list(self.routing.boundaries), "adapters": list(self.routing.adapters)}
+            record["skip"] = {f"seg{k}": n for k, n in sorted(self.skip.items())}
+        return record
+
+
+def lora_choice(args: argparse.Namespace) -> LoraChoice:
+    """Parse --lora (DIR, segK=DIR, or a routing directory), --segments and --skip; fail before any model loads."""
+    from ..sampling.segments import ROUTING_FILE, SegmentRouting, load_routing
+
+    plain: list[Path] = []
+    named: dict[int, Path] = {}
+    for entry in args.lora or []:
+        name, sep, directory = entry.partition("=")
+        if not sep or Path(entry).exists():
+            plain.append(Path(entry))
+            continue
+        k = _segment_index(name, f"--lora {entry}")
+        if k in named:
+            raise CommandError(f"--lora seg{k}=... is given twice")
+        named[k] = Path(directory)
+    if len(plain) > 1 or (plain and named):
+        raise CommandError("give one --lora DIR, or one LoRA per segment: --lora seg0=DIR --lora seg1=DIR ...")
+    directory = plain[0] if plain else None
+    has_routing_file = directory is not None and (directory / ROUTING_FILE).is_file()
+    for path in list(named.values()) or plain:
+        if not path.is_dir():
+            raise CommandError(f"LoRA directory not found: {path}")
+    if args.sampler != "segments":
+        if named or has_routing_file:
+            raise CommandError("segment LoRAs (--lora segK=DIR, or a directory with routing.json) need --sampler segments")
+        if args.segments is not None or args.skip:
+            raise CommandError("--segments and --skip are options of --sampler segments")
+        return LoraChoice(directory=directory)
+
+    if named:
+        boundaries = _boundaries(args.segments) if args.segments is not None else None
+        count = len(boundaries) - 1 if boundaries is not None else max(named) + 1
+        if max(named) >= count:
+            raise CommandError(f"--lora seg{max(named)}=... but --segments {args.segments} makes {count} segments (seg0..seg{count - 1})")
+        adapters = [f"seg{k}" if k in named else None for k in range(count)]
+        routing = SegmentRouting.even(adapters) if boundaries is None else SegmentRouting(boundaries, adapters)
+    elif args.segments is not None:
+        raise CommandError("--segments splits LoRAs given as --lora seg0=DIR --lora seg1=DIR ...; "
+                           "a routing.json or a single --lora DIR brings its own segments")  # fmt: skip
+    elif has_routing_file:
+        routing = load_routing(directory)
+        for name in dict.fromkeys(n for n in routing.adapters if n is not None):
+            if not (directory / name).is_dir():
+                raise CommandError(f"LoRA directory not found: {directory / name} (named in {directory / ROUTING_FILE})")
+    elif directory is not None:
+        routing = SegmentRouting([0.0, 1.0], ["default"])  # one segment: the plain LoRA sampler
+    else:
+        raise CommandError("--sampler segments needs LoRAs: --lora seg0=DIR --lora seg1=DIR ..., "
+                           "or --lora DIR holding routing.json")  # fmt: skip
+    skip = _skip_counts(args.skip or [], routing)
+    return LoraChoice(directory, named, routing, skip, from_routing_file=has_routing_file and not named)
+
+
+def _skip_counts(entries: list[str], routing: SegmentRouting) -> dict[int, int]:
+    """--skip segK:STEPS entries -> {k: STEPS}."""
+    skip: dict[int, int] = {}
+    for entry in entries:
+        name, sep, steps = entry.partition(":")
+        k = _segment_index(name, f"--skip {entry}")
+        if not sep or not steps.strip().lstrip("-").isdigit():
+            raise CommandError(f"--skip takes segK:STEPS (e.g. seg1:10), got {entry!r}")
+        if k >= routing.num_segments:
+            raise CommandError(f"--skip {entry}: no segment {k} (segments: seg0..seg{routing.num_segments - 1})")
+        if int(steps) < 1:
+            raise CommandError(f"--skip {entry}: a segment needs at least 1 step")
+        if k in skip:
+            raise CommandError(f"--skip seg{k}:... is given twice")
+        skip[k] = int(steps)
+    return skip
+
+
+def _segment_index(name: str, where: str) -> int:
+    match = SEGMENT_NAME.fullmatch(name.strip())
+    if match is None:
+        raise CommandError(f"unknown segment name {name!r} in {where}; segments are seg0, seg1, ... (seg0 = lowest noise)")
+    return int(match[1])
+
+
+def _boundaries(text: str) -> list[float]:
+    from ..sampling import SegmentRouting
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CommandError(f"--segments takes noise levels from 0 to 1, comma separated (e.g. 0,0.5,1), got {text!r}") from None
+    try:
+        SegmentRouting(values, [None] * (len(values) - 1))
+    except ValueError as exc:
+        raise CommandError(f"--segments {text}: {exc}") from None
+    return values
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -95,12 +242,13 @@ def run(args: argparse.Namespace) -> int:
     import pipelines
 
     from ..images import load_image, save_grid, save_png
-    from ..sampling import run_sampler
+    from ..sampling import plan_segments, run_sampler
 
     prompts = read_prompts(args)
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise CommandError("--num-images, --steps and --batch-size must be positive")
     best_of_n = sampler_options(args)
+    loras = lora_choice(args)
     switch_step = args.switch_step if args.switch_step is not None else (3 * args.steps) // 4
     if args.sampler == "combined" and not 0 <= switch_step <= args.steps:
         raise CommandError(f"--switch-step must be in [0, --steps={args.steps}], got {switch_step}")
@@ -109,8 +257,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype])
     adapter = pipelines.load(args.pipeline, dtype=dtype, device=device, attention=args.attention)
-    if args.lora is not None:
-        pipelines.load_lora(adapter, args.lora)
+    loras.load(adapter)
     source = None
     if adapter.is_edit:
         if args.image is None:
@@ -122,6 +269,10 @@ def run(args: argparse.Namespace) -> int:
     if source is not None:
         height, width = height or source.shape[-2], width or source.shape[-1]
     height, width = adapter.check_size(height, width)  # fail fast, before any model call
+    segment_record = {}
+    if loras.routing is not None:  # also checks --skip against the schedule before any model call
+        plan = plan_segments(adapter, loras.routing, args.steps, skip=loras.skip, height=height, width=width)
+        segment_record = {"function_evaluations": plan.function_evaluations, "steps_per_segment": plan.steps_per_segment}
 
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_images))]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -136,20 +287,22 @@ def run(args: argparse.Namespace) -> int:
                 extra["image"] = source.expand(len(batch), -1, -1, -1).to(device)
             common = dict(num_steps=args.steps, height=height, width=width, generator=generators, **guidance, **extra)
             out = run_sampler(args.sampler, adapter, [p for p, _ in batch], switch_step=switch_step,
-                              aig_power=args.aig_power, **best_of_n, **common)  # fmt: skip
+                              aig_power=args.aig_power, routing=loras.routing, skip=loras.skip, **best_of_n,
+                              **common)  # fmt: skip
             for k, ((prompt, seed), image) in enumerate(zip(batch, out.cpu(), strict=True)):
                 name = f"{start + k:04d}.png"
                 save_png(image, args.out / name)
                 record = {"file": name, "prompt": prompt, "seed": seed, "steps": args.steps,
                           "guidance": args.guidance, "height": height, "width": width,
-                          "pipeline": str(args.pipeline), "lora": str(args.lora) if args.lora else None,
-                          "sampler": args.sampler}  # fmt: skip
+                          "pipeline": str(args.pipeline), **loras.record(), "sampler": args.sampler}  # fmt: skip
                 if args.sampler == "combined":
                     record["switch_step"] = switch_step
                 elif args.sampler == "aig":
                     record["aig_power"] = args.aig_power
                 elif args.sampler == "best-of-n":
                     record.update(best_of=args.best_of, sampler_reward=args.sampler_reward)
+                elif args.sampler == "segments":
+                    record.update(segment_record)
                 log.write(json.dumps(record) + "\n")
                 records.append(record)
                 images.append(image)

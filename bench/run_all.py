@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-FIGURES = ["sampler_vs_pipeline.py", "reward_throughput.py", "refl_step.py"]
+FIGURES = ["sampler_vs_pipeline.py", "reward_throughput.py", "refl_step.py", "dpo_step.py"]
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent

@@ -52,3 +52,29 @@ def image_folder(tmp_path_factory):
         save_png(torch.rand(3, SIZE, SIZE, generator=g), folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(caption)
     return folder
+
+
+def launch_two_cpu_processes(script, args: list[str], timeout: int = 300):
+    """``accelerate launch`` two CPU workers (gloo) on ``script``; the finished process.
+
+    accelerate 1.15's ``--cpu`` with ``--num_processes 2`` starts a single process unless an
+    mpirun hostfile is configured; ``--multi_gpu`` on a machine with no visible GPU starts two
+    torchrun workers that accelerate runs as MULTI_CPU.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(script), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_errors(main, method: str, pipeline: str, reward: str, cases: dict[str, str], capsys) -> None:
+    """``imgalign train METHOD --print-config ... OVERRIDE`` exits 2 with MESSAGE on stderr, for every case."""
+    for override, message in cases.items():
+        assert main(["train", method, "--print-config", f"pipeline={pipeline}", f"reward={reward}", override]) == 2, override
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

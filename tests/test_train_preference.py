@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import pipelines
+from conftest import assert_one_line_errors
 import rewards
 from imgalign.cli import main
 from imgalign.images import save_png
@@ -154,7 +155,4 @@ def test_dpo_config_errors_are_one_line(sd15_dir, capsys):
         "data.source=pairs": "data.pairs=",
         "dpo.candidates=1": "dpo.candidates must be >= 2",
     }
-    for override, message in cases.items():
-        args = ["train", "dpo", "--print-config", f"pipeline={sd15_dir}", "reward=test-dpo-red", override]
-        assert main(args) == 2
-        assert message in capsys.readouterr().err
+    assert_one_line_errors(main, "dpo", sd15_dir, "test-dpo-red", cases, capsys)

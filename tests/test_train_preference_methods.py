@@ -17,6 +17,7 @@ from imgalign.train.config import LoraConfig
 from imgalign.train.loop import build_accelerator, setup_trainable
 from imgalign.train.registry import load_method_config
 from imgalign.train.run import MicroStep, Run, train
+from conftest import assert_one_line_errors
 from test_train_preference import PROMPTS, SIZE, _metrics, pairs_file  # noqa: F401  (fixture)
 from test_train_preference import _overrides as _dpo_overrides
 
@@ -232,20 +233,16 @@ def test_tpo_config_errors_are_one_line(sd15_dir, capsys):
         "tpo.train_segments=[2]": "tpo.train_segments must name segments in 0..1",
         "lora.enabled=false": "one LoRA per segment",
     }
-    for override, message in cases.items():
-        args = ["train", "tpo", "--print-config", f"pipeline={sd15_dir}", "reward=test-dpo-red", override]
-        assert main(args) == 2
-        assert message in capsys.readouterr().err
+    assert_one_line_errors(main, "tpo", sd15_dir, "test-dpo-red", cases, capsys)
 
 
 # ----------------------------------------------------------------------------- multi-process
 @pytest.mark.slow
 def test_two_process_tpo_ends_with_the_same_segment_adapters_on_both_processes(sd15_dir, tmp_path):
     """Two CPU processes (gloo): the segment trained at a step is averaged, the other keeps no gradient on either."""
-    import os
-    import subprocess
-    import sys
     import textwrap
+
+    from conftest import launch_two_cpu_processes
 
     script = tmp_path / "launch_tpo.py"
     script.write_text(textwrap.dedent(f"""
@@ -273,11 +270,7 @@ def test_two_process_tpo_ends_with_the_same_segment_adapters_on_both_processes(s
     out = tmp_path / "ddp"
     args = ["train", "tpo", *_overrides(sd15_dir, out, reward="test-dpo-red", train__max_steps=2, train__batch_size=1,
                                         tpo__candidates=2, tpo__num_timesteps=20, tpo__beta=200, optim__lr=1e-3)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(script), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_cpu_processes(script, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["segment"] for m in _metrics(out)] == [0.0, 1.0]
     rank0, rank1 = load_file(tmp_path / "rank-0.safetensors"), load_file(tmp_path / "rank-1.safetensors")

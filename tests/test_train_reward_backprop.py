@@ -12,9 +12,6 @@ Tiny differentiable stand-in rewards are registered here:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -35,6 +32,7 @@ from imgalign.train.loop import TrainingDiverged, setup_trainable, step_generato
 from imgalign.train.pipeline import build_data, encode, score
 from imgalign.train.registry import load_method_config
 from imgalign.train.run import MicroStep, train
+from conftest import launch_two_cpu_processes
 from pipelines.architectures import build_pipeline
 from rewards import Reward, RewardInfo
 
@@ -309,11 +307,8 @@ def test_train_cli_prints_config_and_reports_bad_input_in_one_line(tmp_path, cap
 # ----------------------------------------------------------------------------- multi-process
 @pytest.mark.slow
 def test_two_process_cpu_accelerate_launch(pipe_dirs, tmp_path):
-    """Two CPU processes under ``accelerate launch``: both end with the same weights, having drawn different noise.
+    """Two CPU processes under ``accelerate launch`` (gloo): both end with the same weights, having drawn different noise.
 
-    accelerate 1.15's ``--cpu`` with ``--num_processes 2`` starts a single process unless an
-    mpirun hostfile is configured; ``--multi_gpu`` on a machine with no visible GPU starts two
-    torchrun workers that accelerate runs as MULTI_CPU (gloo), which is what is tested here.
     The launched script wraps the registered method's setup to keep, per process, its initial
     latents and its final trainable weights.
     """
@@ -351,11 +346,7 @@ def test_two_process_cpu_accelerate_launch(pipe_dirs, tmp_path):
     out = tmp_path / "ddp"
     args = ["train", "refl", *_overrides(pipe_dirs["sd15"], out, train__max_steps=2, train__batch_size=1,
                                          train__checkpoint_every=2), f"output_dir={out}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(script), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = launch_two_cpu_processes(script, args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     metrics = _metrics(out)

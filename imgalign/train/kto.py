@@ -86,12 +86,17 @@ def check_config(cfg: KtoTrainingConfig) -> None:
     if k.num_timesteps < 1:
         raise ValueError("kto.num_timesteps must be >= 1")
     if cfg.data.source == "labels":
-        if not cfg.data.labels:
-            raise ValueError("data.source=labels needs data.labels=<JSONL, Parquet or datasets directory of labelled images>")
-        if cfg.sampling.height is None or cfg.sampling.height != cfg.sampling.width:
-            raise ValueError("a labels dataset is resized to a square: set sampling.height and sampling.width (equal)")
+        check_labels_data(cfg)
         return
     check_preference_data(cfg, k.candidates, "kto")
+
+
+def check_labels_data(cfg: PipelineTrainingConfig) -> None:
+    """``data.source=labels``: a labels file, and a square training size to resize its images to."""
+    if not cfg.data.labels:
+        raise ValueError("data.source=labels needs data.labels=<JSONL, Parquet or datasets directory of labelled images>")
+    if cfg.sampling.height is None or cfg.sampling.height != cfg.sampling.width:
+        raise ValueError("a labels dataset is resized to a square: set sampling.height and sampling.width (equal)")
 
 
 # ============================================================================ data
@@ -259,5 +264,5 @@ def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
 
 KTO = Method("kto", KtoTrainingConfig, setup=setup, step=kto_step, check=check_config)
 
-__all__ = ["KTO", "KtoConfig", "KtoDataConfig", "KtoTrainee", "KtoTrainingConfig", "LabelledImage", "kto_step",
-           "load_labelled_images"]  # fmt: skip
+__all__ = ["KTO", "KtoConfig", "KtoDataConfig", "KtoTrainee", "KtoTrainingConfig", "LabelledImage", "check_labels_data",
+           "kto_step", "load_labelled_images"]  # fmt: skip

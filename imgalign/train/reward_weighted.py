@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ..losses.preference import reward_weighted_loss
 from .config import PipelineTrainingConfig
 from .data import Batch, ImageCaptionData, PromptData, StepIndexedSampler, read_image_folder, read_prompts
-from .kto import KtoDataConfig, LabelledImage, load_labelled_images
+from .kto import KtoDataConfig, LabelledImage, check_labels_data, load_labelled_images
 from .pipeline import check_pipeline, sample_images, score, setup_pipeline
 from .preference import PreferenceTrainee, denoising_errors, on_policy_candidates, setup_preference
 from .registry import Method
@@ -94,10 +94,7 @@ def check_config(cfg: RwrTrainingConfig) -> None:
     if cfg.data.source == "labels":
         if r.mode == "awm":
             raise ValueError("rwr.mode=awm samples on-policy: use data.source=on_policy with a reward")
-        if not cfg.data.labels:
-            raise ValueError("data.source=labels needs data.labels=<JSONL, Parquet or datasets directory of labelled images>")
-        if cfg.sampling.height is None or cfg.sampling.height != cfg.sampling.width:
-            raise ValueError("a labels dataset is resized to a square: set sampling.height and sampling.width (equal)")
+        check_labels_data(cfg)
         return
     if not cfg.reward:
         raise ValueError("rwr labels generated images with a reward: set reward=<name> (any reward, e.g. shapes-oracle)")

@@ -145,15 +145,22 @@ def flow_sde_step_with_logprob(
         mean  = x + v*dt + std_t^2 / (2 sigma) * (x + (1 - sigma) v) * dt
         x'    = mean + std_t * sqrt(-dt) * eps
 
-    ``a`` is ``noise_level``. At ``sigma == 1`` the ratio is infinite; like Flow-GRPO we put
-    ``sigma_max`` (the schedule's second sigma) in the denominator instead.
+    ``a`` is ``noise_level``. At ``sigma == 1`` (the first step of every flow schedule) the
+    ratio is infinite; like Flow-GRPO (``sd3_sde_with_logprob.py``: ``sigma_max =
+    self.sigmas[1]``, ``1 - where(sigma == 1, sigma_max, sigma)``) we put ``sigma_max``, the
+    schedule's second sigma, in the denominator instead. ``sigma_max=None`` takes it from
+    ``sigma_next``, which at a step from sigma 1 *is* the schedule's second sigma; pass it
+    explicitly when a step from sigma 1 skips ahead (lands below the second sigma).
     """
+    if sigma_max is not None and not 0 <= sigma_max < 1:
+        raise ValueError(f"sigma_max must be in [0, 1) (the schedule's second sigma), got {sigma_max}")
     x = sample.float()
     v = velocity.float()
     sigma = _as_batch(sigma, x)
     sigma_next = _as_batch(sigma_next, x)
     dt = sigma_next - sigma
-    denom_sigma = sigma if sigma_max is None else torch.where(sigma >= 1, torch.full_like(sigma, sigma_max), sigma)
+    cap = sigma_next if sigma_max is None else torch.full_like(sigma, sigma_max)
+    denom_sigma = torch.where(sigma >= 1, cap, sigma)
     std_t = noise_level * torch.sqrt(sigma / (1 - denom_sigma).clamp(min=1e-12))
     mean = x + v * dt + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
     std = std_t * torch.sqrt(-dt)

@@ -104,9 +104,9 @@ class LPIPSReward(Reward):
         return 1.0 - d if self.similarity else d
 
 
-def lpips_distance(**options) -> LPIPSReward:
-    return LPIPSReward(similarity=False, **options)
+def lpips_distance(net: str = "alex", backbone_weights: str | None = "auto", name: str | None = None) -> LPIPSReward:
+    return LPIPSReward(net, backbone_weights, similarity=False, name=name)
 
 
-def lpips_similarity(**options) -> LPIPSReward:
-    return LPIPSReward(similarity=True, **options)
+def lpips_similarity(net: str = "alex", backbone_weights: str | None = "auto", name: str | None = None) -> LPIPSReward:
+    return LPIPSReward(net, backbone_weights, similarity=True, name=name)

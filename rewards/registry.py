@@ -16,12 +16,19 @@ An explicit ``register`` (and the built-in rewards) wins over an entry point of 
   ``reward.json``); relative paths (``"./..."``) anywhere inside ``options`` are resolved
   against its directory. ``imgalign train-reward`` writes such directories
   (``{"name": "trained-reward", ...}`` + ``model.safetensors``).
+
+An option the reward does not take is a ``ValueError`` naming the reward and the options it
+does take (read from its factory's signature, following ``**options`` into the Reward class
+the factory is annotated to return), so a CLI reports it in one line.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import re
+import typing
 from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -122,6 +129,67 @@ def parse_spec(spec: str) -> dict[str, float]:
     return out
 
 
+# ----------------------------------------------------------------------------- options
+_UNEXPECTED = re.compile(r"unexpected keyword argument '([^']+)'")
+_NO_OPTIONS = {"object.__init__", "Module.__init__"}  # a class that defines no constructor of its own
+
+
+def _rejected_option(err: TypeError, options: Mapping) -> str | None:
+    """The caller's option that ``err`` (raised by calling a factory) says was not accepted, if any."""
+    match = _UNEXPECTED.search(str(err))
+    return match.group(1) if match and match.group(1) in options else None
+
+
+def _forwards_to(target: Callable) -> Callable | None:
+    """Where a callable's ``**options`` go: the Reward class a factory is annotated to return
+    (its ``from_options`` if it has one), or the class of a ``from_options`` classmethod."""
+    if isinstance(target, type):
+        return None  # a constructor that takes **kwargs itself: open-ended
+    owner = getattr(target, "__self__", None)
+    if isinstance(owner, type):
+        return owner
+    try:
+        returned = typing.get_type_hints(target).get("return")
+    except Exception:  # unresolvable annotations: nothing to follow
+        return None
+    if isinstance(returned, type) and issubclass(returned, Reward):
+        return getattr(returned, "from_options", None) or returned
+    return None
+
+
+def _accepted_options(factory: Callable) -> list[str] | None:
+    """The keyword options ``factory`` takes, following ``**options`` the way the built-in
+    factories forward them (``factory -> Class.from_options -> Class``); None when open-ended."""
+    names: set[str] = set()
+    target: Callable | None = factory
+    for _ in range(4):
+        if isinstance(target, type) and getattr(target.__init__, "__qualname__", "") in _NO_OPTIONS:
+            return sorted(names)
+        try:
+            params = list(inspect.signature(target).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return sorted(names)
+        target = _forwards_to(target)
+        if target is None:
+            return None
+    return None
+
+
+def _option_message(name: str, option: str, factory: Callable) -> str:
+    accepted = _accepted_options(factory)
+    if accepted is None:
+        where = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', factory)}"
+        takes = f"see {where} for the options it takes"
+    elif accepted:
+        takes = f"its options are: {', '.join(accepted)}"
+    else:
+        takes = "it takes no options"
+    return f"reward {name!r} does not take the option {option!r}; {takes}"
+
+
 def _resolve_relative(value, base: Path):
     """``"./x"`` / ``"../x"`` strings -> absolute paths against ``base``, at any depth of nesting
     (a trained reward nests its base reward's options)."""
@@ -159,7 +227,14 @@ def load(name_or_path: str | Mapping[str, float], **options) -> Reward:
     if "," in name_or_path or "=" in name_or_path:
         return load(parse_spec(name_or_path), **options)
     if _is_registered(name_or_path):
-        reward = _factory(name_or_path)(**options)
+        factory = _factory(name_or_path)
+        try:
+            reward = factory(**options)
+        except TypeError as err:
+            bad = _rejected_option(err, options)
+            if bad is None:  # a TypeError from inside the factory: not about the caller's options
+                raise
+            raise ValueError(_option_message(name_or_path, bad, factory)) from err
         if not isinstance(reward, Reward):
             raise TypeError(f"factory for {name_or_path!r} returned {type(reward).__name__}, not a Reward")
         return reward

@@ -122,6 +122,36 @@ def test_sde_step_matches_flow_grpo_formula():
     torch.testing.assert_close(out.std.expand_as(x), torch.full_like(x, std * (-dt) ** 0.5))
 
 
+def test_sde_step_at_sigma_one_uses_the_schedules_second_sigma_by_default():
+    """Flow-GRPO (sd3_sde_with_logprob.py): std = a*sqrt(s / (1 - where(s == 1, sigmas[1], s))).
+
+    The first step of every flow schedule starts at sigma = 1, where sqrt(s / (1 - s)) is
+    infinite; the default must give Flow-GRPO's value there, not a clamp-sized 1e5 std.
+    """
+    x, v = (torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(k)) for k in range(2))
+    sigmas, a = [1.0, 0.8, 0.5, 0.0], 0.7
+    sigma, sigma_next = sigmas[0], sigmas[1]
+    dt = sigma_next - sigma
+    std_t = a * (sigma / (1 - sigmas[1])) ** 0.5  # the published formula with sigma_max = sigmas[1]
+    mean = x + v * dt + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
+    out = pipelines.flow_sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=a,
+                                               generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert torch.isfinite(out.std).all() and torch.isfinite(out.log_prob).all() and torch.isfinite(out.prev_sample).all()
+    torch.testing.assert_close(out.std.expand_as(x), torch.full_like(x, std_t * (-dt) ** 0.5))
+    torch.testing.assert_close(out.mean, mean)
+    # the default is the explicit sigma_max = sigmas[1] (what the adapters pass), per sample too
+    explicit = pipelines.flow_sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=a, sigma_max=sigmas[1],
+                                                    prev_sample=out.prev_sample)  # fmt: skip
+    torch.testing.assert_close(explicit.log_prob, out.log_prob)
+    per_sample = pipelines.flow_sde_step_with_logprob(v, x, torch.tensor([1.0, 0.5]), torch.tensor([0.8, 0.0]),
+                                                      noise_level=a, prev_sample=out.prev_sample)  # fmt: skip
+    assert torch.isfinite(per_sample.std).all() and torch.isfinite(per_sample.log_prob).all()
+    torch.testing.assert_close(per_sample.std[0].expand_as(x[0]), torch.full_like(x[0], std_t * (-dt) ** 0.5))
+    # a schedule that stays at 1 has no finite Flow-GRPO std: say so rather than return 1e6
+    with pytest.raises(ValueError, match="sigma_max"):
+        pipelines.flow_sde_step_with_logprob(v, x, 1.0, 0.8, noise_level=a, sigma_max=1.0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_lora_through_last_step_x0_and_vae(family):
     adapter = pipelines.load(build_pipeline(family, "tiny"))

@@ -121,3 +121,49 @@ def test_score_command_with_saved_tiny_model(image_dir, tmp_path):
     expect = float(direct(img.permute(2, 0, 1)[None], "a photo"))
     (name,) = recs[1]["scores"]
     assert recs[1]["scores"][name] == pytest.approx(expect, abs=1e-5)
+
+
+def test_score_with_an_option_the_reward_does_not_take_names_the_options_it_does(image_dir, tmp_path, capsys):
+    """``imgalign score --reward lpips --checkpoint X``: one line naming the reward and its options, exit 2."""
+    from imgalign.cli import main
+
+    rewards.register("mean-red", MeanRed, overwrite=True)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    out = tmp_path / "o.jsonl"
+    common = ["--images", str(image_dir), "--reference-images", str(image_dir), "--prompt", "x", "--device", "cpu",
+              "--out", str(out)]  # fmt: skip
+
+    def one_line_error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("imgalign score: error:"), err
+        return err
+
+    # a built-in reward whose factory forwards **options to its class (LPIPSReward)
+    err = one_line_error(["score", "--reward", "lpips", "--checkpoint", str(weights), *common])
+    assert "'lpips'" in err and "'checkpoint'" in err and "unexpected keyword" not in err
+    assert "backbone_weights" in err and "net" in err
+    # a reward whose class takes no options at all
+    err = one_line_error(["score", "--reward", "mean-red", "--checkpoint", str(weights), *common])
+    assert "'mean-red'" in err and "'checkpoint'" in err and "takes no options" in err
+    # a reward.json with a misspelt option, for a factory that forwards to ``from_options``
+    spec = tmp_path / "reward.json"
+    spec.write_text(json.dumps({"name": "clip-t", "options": {"chekpoint": "./weights.pth"}}))
+    err = one_line_error(["score", "--reward", str(spec), *common])
+    assert "'clip-t'" in err and "'chekpoint'" in err and "checkpoint," in err and "arch" in err
+    assert not out.exists()
+
+
+def test_load_reports_unknown_options_but_not_a_factorys_own_type_errors():
+    def broken(**options):
+        raise TypeError("a bug inside the factory")
+
+    rewards.register("test-broken-factory", broken, overwrite=True)
+    with pytest.raises(TypeError, match="a bug inside the factory"):
+        rewards.load("test-broken-factory", anything=1)
+    with pytest.raises(ValueError, match=r"reward 'lpips-sim' does not take the option 'checkpoint'.*net"):
+        rewards.load("lpips-sim", checkpoint="x")
+    with pytest.raises(ValueError, match=r"reward 'clip' does not take the option 'bogus'"):
+        rewards.load({"clip": 1.0, "lpips": 1.0}, clip={"bogus": 1})

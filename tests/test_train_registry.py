@@ -100,6 +100,98 @@ def test_a_registered_toy_method_trains_from_the_cli_and_resumes_exactly(sd15_di
     assert yaml.safe_load((full / "config.yaml").read_text())["toy"]["target"] == 0.25
 
 
+# ----------------------------------------------------------------------------- fp16 loss scaling
+def _overflowed_scaler() -> torch.amp.GradScaler:
+    """A CPU GradScaler whose state moved: one overflow (scale halved), then one finite step."""
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    for grad in (float("inf"), 1.0):
+        scaler.scale(param.sum()).backward()
+        param.grad[1] = grad
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return scaler
+
+
+def test_checkpoints_save_and_restore_the_loss_scaler_state(tmp_path):
+    from imgalign.train.checkpoint import CheckpointManager, TrainerState
+
+    scaler = _overflowed_scaler()
+    assert scaler.get_scale() == 2.0**15 and scaler.state_dict()["_growth_tracker"] == 1
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    path = manager.save(TrainerState(step=2), trainable={"p": param}, optimizer=opt, lr_scheduler=sched, scaler=scaler)
+    assert json.loads((path / "scaler.json").read_text())["scale"] == 2.0**15  # JSON: nothing to unpickle
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)  # what a resumed run builds
+    manager.load(path, trainable={"p": param}, optimizer=opt, lr_scheduler=sched, scaler=resumed)
+    assert resumed.get_scale() == 2.0**15
+    assert resumed.state_dict() == scaler.state_dict()
+    # a run without loss scaling writes no scaler state, and loading it into one keeps the fresh scale
+    plain = manager.save(TrainerState(step=3), trainable={"p": param}, optimizer=opt, lr_scheduler=sched)
+    assert not (plain / "scaler.json").exists()
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with pytest.warns(UserWarning, match="loss scale"):
+        manager.load(plain, trainable={"p": param}, optimizer=opt, lr_scheduler=sched, scaler=fresh)
+    assert fresh.get_scale() == 2.0**16
+
+
+@pytest.fixture
+def cpu_loss_scaling(monkeypatch):
+    """fp16 loss scaling on CPU: accelerate keeps ``accelerator.scaler`` (and fp16 autocast) only
+    on GPUs, so give the run's accelerator what it has there: a GradScaler (here a CPU one) and
+    fp16 autocast. The initial scale 2**17 overflows the tiny model's fp16 gradients; 2**15 fits.
+
+    accelerate fixes mixed precision once per process; the other tests' runs use "no", so the
+    state is reset around this one (as accelerate's own tests do).
+    """
+    from accelerate.state import AcceleratorState
+
+    import imgalign.train.run as run_module
+
+    AcceleratorState._reset_state()
+    built = []
+    build = run_module.build_accelerator
+
+    def build_with_scaler(loop, output_dir):
+        accelerator = build(loop, output_dir)
+        assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**17, growth_interval=2)
+        accelerator.native_amp = True  # fp16 autocast; clip_grad_norm_ unscales first
+        built.append(accelerator)
+        return accelerator
+
+    monkeypatch.setattr(run_module, "build_accelerator", build_with_scaler)
+    yield built
+    AcceleratorState._reset_state()
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale_and_skips_only_what_it_would_have(sd15_dir, tmp_path,
+                                                                                   cpu_loss_scaling):  # fmt: skip
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    fp16 = ["train.mixed_precision=fp16", "model.dtype=fp32", "toy.target=0.25"]
+    assert main(["train", "toy", "--config", str(_recipe(tmp_path, sd15_dir, full)), *fp16]) == 0
+    recipe = _recipe(tmp_path, sd15_dir, parts)
+    assert main(["train", "toy", "--config", str(recipe), *fp16, "--stop-after-steps", "3"]) == 0
+    assert main(["train", "toy", "--config", str(recipe), *fp16, "--resume", "latest"]) == 0
+    uninterrupted, _, resumed = (a.scaler.state_dict() for a in cpu_loss_scaling)
+    assert resumed == uninterrupted
+    a, b = _metrics(full), _metrics(parts)
+    skipped = [m["skipped"] for m in a]
+    assert 0 < sum(skipped) < len(skipped)  # overflows were skipped, and the lowered scale trains
+    assert [m["skipped"] for m in b] == skipped  # a restarted scale would overflow again after the resume
+    assert [m["loss_scale"] for m in b] == [m["loss_scale"] for m in a]
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in b]), torch.tensor([m["loss"] for m in a]),
+                               rtol=1e-5, atol=1e-9)  # fmt: skip
+    wa = load_file(full / "lora" / "pytorch_lora_weights.safetensors")
+    wb = load_file(parts / "lora" / "pytorch_lora_weights.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-7)
+
+
 def test_help_lists_the_registry_and_unknown_methods_fail_in_one_line(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

@@ -5,6 +5,7 @@ Layout of ``<output_dir>/checkpoints/checkpoint-000120/``::
     trainable.safetensors      trainable parameters by name (the LoRA, or the whole denoiser)
     optimizer.pt, lr_scheduler.pt, ema.pt   state dicts (tensors + numbers: loaded weights_only)
     extra.safetensors          other module state that moves during training (reward running stats)
+    scaler.json                fp16 loss scaler state (scale, growth tracker), when loss scaling is on
     rng-<process>.json         python / numpy / torch (+ CUDA) RNG states of each process
     trainer_state.json         step, samples seen, consecutive non-finite steps, ...
 
@@ -23,6 +24,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,6 +109,11 @@ def _state_to_cpu(obj: Any) -> Any:
     return obj
 
 
+def _json_numbers(state: dict[str, Any]) -> dict[str, Any]:
+    """A loss scaler's state dict (floats and ints, possibly 0-d tensors) as plain JSON numbers."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 class CheckpointManager:
     """Save and restore the training state under ``directory`` (every process calls both).
 
@@ -139,7 +146,13 @@ class CheckpointManager:
         ema: Any | None = None,
         extra: dict[str, torch.Tensor] | None = None,
         config_yaml: str | None = None,
+        scaler: Any | None = None,
     ) -> Path:
+        """Write the checkpoint for ``state.step``; ``scaler``: the fp16 loss scaler (``accelerator.scaler``).
+
+        The scaler's scale and growth tracker are training state too: a resumed run that
+        restarted them would skip (overflow at the initial scale) steps the uninterrupted run took.
+        """
         final = self.directory / checkpoint_name(state.step)
         tmp = self.directory / f".{final.name}.tmp"
         if self.is_main:
@@ -154,6 +167,9 @@ class CheckpointManager:
                 torch.save(_state_to_cpu(ema.state_dict()), tmp / "ema.pt")
             if extra:
                 save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
+            scaler_state = scaler.state_dict() if scaler is not None else {}
+            if scaler_state:  # empty for a disabled scaler
+                (tmp / "scaler.json").write_text(json.dumps(_json_numbers(scaler_state), indent=2))
             if config_yaml is not None:
                 (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -183,6 +199,7 @@ class CheckpointManager:
         lr_scheduler: Any,
         ema: Any | None = None,
         extra_modules: dict[str, torch.nn.Module] | None = None,
+        scaler: Any | None = None,
     ) -> TrainerState:
         """Restore everything saved by :meth:`save` into the live objects; return the counters."""
         path = Path(path)
@@ -210,6 +227,12 @@ class CheckpointManager:
                 own = {k[len(prefix) + 1 :]: v for k, v in extra.items() if k.startswith(prefix + ".")}
                 if own:
                     module.load_state_dict(own, strict=False)
+        if scaler is not None:
+            if (path / "scaler.json").is_file():
+                scaler.load_state_dict(json.loads((path / "scaler.json").read_text()))
+            else:
+                warnings.warn(f"{path} has no scaler.json (saved without fp16 loss scaling): the loss scale "
+                              "starts again from its initial value", stacklevel=2)  # fmt: skip
         rng_file = path / f"rng-{self.process_index}.json"
         if rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))

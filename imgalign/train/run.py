@@ -175,6 +175,7 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
 
     optimizer, lr_scheduler = build_optimizer(params, cfg.optim, loop.max_steps)
     optimizer = accelerator.prepare(optimizer)  # loss scaling (fp16) and device placement
+    scaler = getattr(accelerator, "scaler", None)  # fp16's GradScaler; None otherwise
     ema = None
     if loop.ema_decay is not None:
         from diffusers.training_utils import EMAModel
@@ -193,7 +194,7 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     moving = trainee.moving_state()
     if resume_from is not None:
         state = checkpoints.load(resume_from, trainable=named_params, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                 ema=ema, extra_modules=moving)  # fmt: skip
+                                 ema=ema, extra_modules=moving, scaler=scaler)  # fmt: skip
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     elif resume == "latest":
         accelerator.print("no checkpoint to resume from: starting a new run")
@@ -220,7 +221,7 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
         extra = {f"{prefix}.{name}": buf for prefix, module in moving.items()
                  for name, buf in module.named_buffers() if ".stats." in f".{name}"}  # fmt: skip
         return checkpoints.save(state, trainable=named_params, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                ema=ema, extra=extra, config_yaml=config_yaml)  # fmt: skip
+                                ema=ema, extra=extra, config_yaml=config_yaml, scaler=scaler)  # fmt: skip
 
     if state.step == 0 and cfg.validation.every > 0:
         metrics = run_validation(0)
@@ -262,6 +263,8 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
         elapsed, throughput = timer.lap(global_batch)
         metrics = {**sums, "grad_norm": outcome.grad_norm, "lr": lr_scheduler.get_last_lr()[0],
                    "step_time_s": elapsed, "samples_per_s": throughput, "skipped": float(not outcome.applied)}  # fmt: skip
+        if scaler is not None:
+            metrics["loss_scale"] = float(scaler.get_scale())  # after this step's update
         if rewards_seen:
             all_r = accelerator.gather(torch.cat(rewards_seen).to(device))
             metrics["reward_mean"] = float(all_r.mean())

@@ -143,25 +143,28 @@ def test_demo_rejects_methods_that_are_not_built_in_one_line(capsys):
 
 
 @pytest.mark.slow
-def test_demo_report_has_the_documented_fields(tmp_path):
+@pytest.mark.parametrize("algo", ["draft", "tpo"])
+def test_demo_report_has_the_documented_fields(algo, tmp_path):
     from imgalign.shapes.demo import ORACLE_METRICS, run_demo
 
-    report = run_demo(tmp_path, algo="draft", num_prompts=2, images_per_prompt=1, sample_steps=3, train_steps=1,
+    report = run_demo(tmp_path, algo=algo, num_prompts=2, images_per_prompt=1, sample_steps=3, train_steps=1,
                       log=lambda _: None)  # fmt: skip
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert set(saved) == {"settings", "before", "methods", "seconds"}
     assert saved["settings"]["prompt_set"] == "shapes-heldout-eval"
-    draft = saved["methods"]["draft"]
+    draft = saved["methods"][algo]
     for metric in ORACLE_METRICS:
         gain = draft["gains"][f"oracle/{metric}"]
         assert set(gain) == {"before", "after", "gain", "ci95", "significant"}
         assert gain["gain"] == pytest.approx(gain["after"] - gain["before"])
     assert {"shapes-clip", "shapes-preference", "diversity"} <= set(draft["gains"])
     assert len(draft["reward_curve"]) >= 1 and "reward_mean" in draft["reward_curve"][0]
-    for name in ("before.png", "after_draft.png", "reward_curve.png", "report.md"):
+    for name in ("before.png", f"after_{algo}.png", "reward_curve.png", "report.md"):
         assert (tmp_path / name).is_file()
-    assert (tmp_path / "draft" / "config.yaml").is_file()
+    assert (tmp_path / algo / "config.yaml").is_file()
+    if algo == "tpo":  # sampled through the routed experts
+        assert (tmp_path / "tpo" / "lora" / "routing.json").is_file()
 
 
 @pytest.mark.slow

@@ -175,7 +175,11 @@ def test_oracle_details_give_every_aspect_per_image_and_the_oracle_summary():
     rows = oracle.details(x, captions)
     judgements = judge(x, captions)
     assert [row["overall"] for row in rows] == [j.overall for j in judgements]
-    assert set(rows[0]) == {"overall", "exact", "quality", "background", "colour", "shape", "count", "size", "position"}
+    assert set(rows[0]) == {"overall", "exact", "quality", "background", "colour", "shape", "count", "size", "position",
+                            "layout", "appearance"}  # fmt: skip
+    for row in rows:  # the two halves timestep-segment DPO labels its segments with
+        assert row["layout"] == pytest.approx((row["count"] + row["size"] + row["position"]) / 3)
+        assert row["appearance"] == pytest.approx((row["background"] + row["colour"] + row["shape"] + row["quality"]) / 4)
     assert oracle.summarize_details(rows) == summarize(judgements)  # the report's numbers, key order included
     assert list(oracle.summarize_details(rows)) == list(summarize(judgements))
 

@@ -86,6 +86,15 @@ def test_full_fine_tuning_dpo_runs_and_saves_the_pipeline(sd15_dir, pairs_file, 
     assert (result.weights_dir / "model_index.json").is_file()
 
 
+def test_h_dpo_runs_from_the_cli_and_alpha_moves_the_first_loss_off_log_2(sd15_dir, pairs_file, tmp_path):  # noqa: F811
+    """With policy == reference, DPO's first loss is log 2; H-DPO's alpha != 1 keeps a policy term: it is not."""
+    out = tmp_path / "hdpo"
+    assert main(["train", "dpo", *_overrides(sd15_dir, out, data__source="pairs", data__pairs=str(pairs_file),
+                                             train__max_steps=1, dpo__alpha=0.5, dpo__beta=5000)]) == 0  # fmt: skip
+    (first,) = _metrics(out)
+    assert abs(first["loss"] - 0.6931) > 1e-3 and first["grad_norm"] > 0
+
+
 def test_winner_preserving_dpo_scales_the_loser_and_logs_it(sd15_dir, pairs_file, tmp_path):  # noqa: F811
     from imgalign.train.preference import dpo_step, setup
 

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgalign", description="Align diffusion and flow-matching image generators with human preference."
     )
+    parser.add_argument("--version", action="version", version=f"imgalign {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module_name = f"imgalign.commands.{name.replace('-', '_')}"
@@ -36,7 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed package's version (the source tree's ``__version__`` when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("imgalign")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["--version"], ["-V"]):  # answered before the subcommands (and torch) are imported
+        print(f"imgalign {version()}")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -74,7 +74,7 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str | None, option: 
         where = "the Hugging Face cache (HF_HUB_OFFLINE=1)" if _offline() else f"hub repo {repo}"
         raise MissingWeightsError(
             f"{filename} of {repo} not found in {where}: pass {option}=/path/to/{filename}, "
-            f"or download it once with `huggingface-cli download {repo} {filename}` ({type(err).__name__})"
+            f"or download it once with `hf download {repo} {filename}` ({type(err).__name__})"
         ) from None
 
 
@@ -99,7 +99,7 @@ def resolve_dir(
         where = "the Hugging Face cache (HF_HUB_OFFLINE=1)" if _offline() else "the hub"
         raise MissingWeightsError(
             f"model {repo} not found in {where}: pass {option}=/path/to/model_dir (with {required}), "
-            f"or download it once with `huggingface-cli download {repo}` ({type(err).__name__})"
+            f"or download it once with `hf download {repo}` ({type(err).__name__})"
         ) from None
     if required and not (d / required).is_file():
         raise MissingWeightsError(f"{required} missing from the cached snapshot of {repo}; pass {option}=<dir>")

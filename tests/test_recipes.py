@@ -2,8 +2,8 @@
 
 Recipes for real checkpoints run on tiny random-weight pipelines of the same family (the
 ``pipe_dirs`` fixture of conftest.py) with a tiny stand-in reward; the Shapes recipes run on
-the shipped Shapes weights as they are. Adding a recipe is one line in
-:data:`STAND_IN_RECIPES` or :data:`SHAPES_RECIPES`.
+the shipped Shapes weights as they are; reward-model recipes train on a tiny pairs file. Adding a
+recipe is one line in :data:`STAND_IN_RECIPES`, :data:`SHAPES_RECIPES` or :data:`REWARD_RECIPES`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ STAND_IN_RECIPES = {
 }
 #: Recipes that run on the shipped Shapes weights, no stand-ins needed.
 SHAPES_RECIPES = ("shapes_verifier_draft.yaml", "shapes_verifier_dpo.yaml", "shapes_oracle_tpo.yaml")
+#: Reward-model recipes (method: reward): they run on a tiny pairs file in place of their data.
+REWARD_RECIPES = ("reward.yaml",)
 
 
 # ----------------------------------------------------------------------------- tiny stand-in rewards
@@ -80,10 +82,26 @@ def pickapic_pairs(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def reward_pairs(tmp_path_factory) -> Path:
+    """A tiny pairs file in the train-reward format: image_a, image_b, prompt, label and per-aspect labels."""
+    root = tmp_path_factory.mktemp("reward-pairs")
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for i, label in enumerate(["A", "B", "tie", "A", "B", "A"]):
+        for side in "ab":
+            save_png(torch.rand(3, SIZE, SIZE, generator=g), root / f"{i}_{side}.png")
+        rows.append({"image_a": f"{i}_a.png", "image_b": f"{i}_b.png", "prompt": PROMPTS[i % 3], "label": label,
+                     "labels": {"prompt": label, "quality": "A" if i % 2 else "B"}})  # fmt: skip
+    path = root / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 # ----------------------------------------------------------------------------- tests
 def test_every_recipe_is_covered():
     shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
-    covered = {*STAND_IN_RECIPES, *SHAPES_RECIPES}
+    covered = {*STAND_IN_RECIPES, *SHAPES_RECIPES, *REWARD_RECIPES}
     assert shipped == covered, f"not covered by a test: {sorted(shipped - covered)}; gone: {sorted(covered - shipped)}"
 
 
@@ -125,3 +143,18 @@ def test_recipe_resolves_and_runs_two_steps_with_tiny_stand_ins(recipe, pipe_dir
     assert all(m.get("skipped", 0) == 0 for m in result.metrics)
     if not published.lora.enabled:  # full fine-tuning saves the whole pipeline
         assert result.weights_dir.name == "pipeline"
+
+
+@pytest.mark.parametrize("recipe", REWARD_RECIPES)
+def test_reward_recipe_resolves_and_runs_two_steps(recipe, reward_pairs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe names its reward by registry name, so it runs from any directory
+    path = ROOT / "recipes" / recipe
+    assert load_yaml(path)["method"] == "reward"
+    published = load_method_config("reward", path, [])  # resolves as shipped
+    assert published.data.train and published.model.reward["name"]
+    overrides = [f"output_dir={tmp_path / 'run'}", f"data.train={reward_pairs}", "data.val=null", "data.val_fraction=0.34",
+                 "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "train.report_to=[]",
+                 "validation.every=1"]  # fmt: skip
+    result = train(load_method_config("reward", path, overrides))
+    assert result.step == 2 and result.weights_dir is not None and (result.weights_dir / "model.safetensors").is_file()
+    assert isinstance(rewards.load(str(result.weights_dir)), rewards.training.TrainableReward)

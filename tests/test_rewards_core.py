@@ -8,7 +8,7 @@ import torch
 import rewards
 from rewards import CompositeReward, Reward, RewardInfo
 from rewards.composite import RunningStats
-from rewards.loading import MissingWeightsError, UnsafeCheckpointError, load_state_dict, resolve_file
+from rewards.loading import MissingWeightsError, UnsafeCheckpointError, load_state_dict, resolve_dir, resolve_file
 
 
 class PromptBrightness(Reward):
@@ -169,3 +169,13 @@ def test_safe_formats_and_offline_messages(tmp_path):
         resolve_file(tmp_path, "missing.pt", "checkpoint")
     with pytest.raises(MissingWeightsError, match="checkpoint="):
         rewards.load("hpsv2.1")  # not in the (empty) cache: names the file and the option
+
+
+def test_offline_weight_errors_recommend_hf_download():
+    """The current Hugging Face command is `hf download` (`huggingface-cli` is deprecated and may be absent)."""
+    with pytest.raises(MissingWeightsError, match=r"`hf download xswu/HPSv2-not-cached HPS_v2\.1_compressed\.pt`") as err:
+        resolve_file("xswu/HPSv2-not-cached", "HPS_v2.1_compressed.pt", "checkpoint")
+    assert "huggingface-cli" not in str(err.value)
+    with pytest.raises(MissingWeightsError, match=r"`hf download someone/not-cached-model`") as err:
+        resolve_dir("someone/not-cached-model", "model")
+    assert "huggingface-cli" not in str(err.value)

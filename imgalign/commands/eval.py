@@ -17,6 +17,7 @@ from .sample import (
     SAMPLER_CHOICES,
     add_best_of_n_arguments,
     add_lora_arguments,
+    check_values,
     lora_choice,
     sampler_options,
 )
@@ -58,7 +59,7 @@ def prompt_list(args: argparse.Namespace) -> list[str]:
         if args.prompt_set not in PROMPT_SETS:
             raise CommandError(f"unknown prompt set {args.prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
         prompts = prompt_set(args.prompt_set)
-    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+    prompts = prompts[: args.num_prompts] if args.num_prompts is not None else prompts
     if not prompts:
         raise CommandError("no prompts to evaluate")
     return prompts
@@ -74,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from ..images import save_grid
     from ..sampling import plan_segments, run_sampler
 
+    check_values(args, {"--num-prompts": args.num_prompts, "--images-per-prompt": args.images_per_prompt,
+                        "--steps": args.steps, "--batch-size": args.batch_size})  # fmt: skip
     prompts = prompt_list(args)
-    if args.images_per_prompt < 1 or args.steps < 1:
-        raise CommandError("--images-per-prompt and --steps must be positive")
     best_of_n = sampler_options(args)
     loras = lora_choice(args)
     names = [n.strip() for n in args.reward.split(",") if n.strip()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,23 @@ def _boundaries(text: str) -> list[float]:
     return values
 
 
+def check_values(args: argparse.Namespace, counts: dict[str, int | None]) -> None:
+    """Refuse bad option values where they enter, before anything loads: one error naming the option.
+
+    ``counts`` maps option names to values that must be whole numbers >= 1 (None: not given).
+    ``--height`` / ``--width`` must be positive and ``--guidance`` (and ``--aig-power``) finite and >= 0.
+    """
+    for option, value in counts.items():
+        if value is not None and value < 1:
+            raise CommandError(f"{option} must be >= 1, got {value}")
+    for option, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise CommandError(f"{option} must be a positive number of pixels, got {value}")
+    for option, value in (("--guidance", args.guidance), ("--aig-power", getattr(args, "aig_power", None))):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise CommandError(f"{option} must be a finite number >= 0, got {value}")
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """The run's prompts from --prompt / --instruction / --prompts (blank lines skipped)."""
     if args.prompts is not None:
@@ -244,9 +262,8 @@ def run(args: argparse.Namespace) -> int:
     from ..images import load_image, save_grid, save_png
     from ..sampling import plan_segments, run_sampler
 
+    check_values(args, {"--num-images": args.num_images, "--steps": args.steps, "--batch-size": args.batch_size})
     prompts = read_prompts(args)
-    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
-        raise CommandError("--num-images, --steps and --batch-size must be positive")
     best_of_n = sampler_options(args)
     loras = lora_choice(args)
     switch_step = args.switch_step if args.switch_step is not None else (3 * args.steps) // 4

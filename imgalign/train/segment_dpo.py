@@ -120,6 +120,7 @@ class TpoTrainee(PreferenceTrainee):
     trained_segments: list[int] = field(default_factory=list)
     segment_rewards: list[rewards.Reward | None] = field(default_factory=list)
     segment_pairs: list[tuple[list, StepIndexedSampler] | None] = field(default_factory=list)
+    segment_steps: list[list[int]] = field(default_factory=list)  # each segment's steps of the training schedule
 
     def prepare_step(self, schedule: pipelines.Schedule, i: int) -> None:
         """Sampling runs the routed model: the adapter of the step's segment, and only it."""
@@ -154,11 +155,12 @@ def setup(run: Run) -> TpoTrainee:
             own = read_preference_pairs(cfg, keep_ties=t.keep_ties, path=seg.pairs)
             pairs = (own, StepIndexedSampler(len(own), cfg.train.batch_size, run.num_processes, cfg.train.seed))
         trainee.segment_pairs.append(pairs)
+    trainee.segment_steps = [steps_in_segment(trainee, k) for k in range(len(names))]
     return trainee
 
 
 # ============================================================================ the step
-def segment_steps(trainee: TpoTrainee, k: int) -> list[int]:
+def steps_in_segment(trainee: TpoTrainee, k: int) -> list[int]:
     """The steps of the ``tpo.num_timesteps`` schedule whose noise level lies in segment ``k``."""
     adapter = trainee.adapter
     schedule = adapter.schedule(trainee.cfg.tpo.num_timesteps, height=trainee.height, width=trainee.width)
@@ -201,7 +203,7 @@ def tpo_step(trainee: TpoTrainee, micro: MicroStep) -> StepLoss:
         pairs = segment_pairs(trainee, micro, k, candidates, labeller)
         # ------------------------------------------------------------ SCORE + LOSS: this segment's expert alone
         pipelines.set_active_lora(trainee.adapter, name)
-        part = dpo_loss(trainee, micro, pairs, t, steps=segment_steps(trainee, k), stream=f"{name}-")
+        part = dpo_loss(trainee, micro, pairs, t, steps=trainee.segment_steps[k], stream=f"{name}-")
         losses.append(part.loss)
         metrics.update({f"{name}/{key}": value for key, value in part.metrics.items()})
         scores = part.rewards if scores is None else scores
@@ -211,4 +213,4 @@ def tpo_step(trainee: TpoTrainee, micro: MicroStep) -> StepLoss:
 
 TPO = Method("tpo", TpoTrainingConfig, setup=setup, step=tpo_step, check=check_config)
 
-__all__ = ["TPO", "SegmentDataConfig", "TpoConfig", "TpoTrainee", "TpoTrainingConfig", "segment_steps", "tpo_step"]
+__all__ = ["TPO", "SegmentDataConfig", "TpoConfig", "TpoTrainee", "TpoTrainingConfig", "steps_in_segment", "tpo_step"]

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from ..losses.preference import diffusion_kto_loss
 from .config import PipelineTrainingConfig
 from .pipeline import check_pipeline, setup_pipeline
-from .data import PromptData, StepIndexedSampler, read_prompts
+from .data import StepIndexedSampler
 from .preference import (
     PreferenceDataConfig,
+    add_frozen_reference,
+    validation_prompts,
     PreferenceTrainee,
     check_preference_data,
     dataset_pairs,
@@ -164,19 +166,13 @@ def setup(run: Run) -> KtoTrainee:
     cfg: KtoTrainingConfig = run.cfg
     if cfg.data.source != "labels":
         return setup_preference(run, reference_offload=cfg.kto.reference_offload, keep_ties=False, trainee_class=KtoTrainee)
-    from .preference import frozen_copy
-
     items = load_labelled_images(cfg.data.labels, cfg.sampling.height, cfg.data.skip_bad_rows)
-    prompts = cfg.validation.prompts or read_prompts(cfg.data.prompts) or [item.prompt for item in items]
-    trainee = setup_pipeline(run, needs_reward=bool(cfg.reward), data=PromptData(prompts, StepIndexedSampler(len(prompts), 1)),
-                             trainee_class=KtoTrainee, labelled=items,
-                             labelled_sampler=StepIndexedSampler(len(items), cfg.train.batch_size, run.num_processes,
-                                                                 cfg.train.seed))  # fmt: skip
+    sampler = StepIndexedSampler(len(items), cfg.train.batch_size, run.num_processes, cfg.train.seed)
+    trainee = setup_pipeline(run, needs_reward=bool(cfg.reward), data=validation_prompts(cfg, [item.prompt for item in items]),
+                             trainee_class=KtoTrainee, labelled=items, labelled_sampler=sampler)  # fmt: skip
     if trainee.adapter.is_edit:
         raise ValueError("a labels file has no source images: train an edit model with data.source=on_policy or pairs")
-    if not cfg.lora.enabled:
-        trainee.reference = frozen_copy(trainee.adapter, offload=cfg.kto.reference_offload)
-        trainee.reference_offload = cfg.kto.reference_offload
+    add_frozen_reference(trainee, offload=cfg.kto.reference_offload)
     return trainee
 
 

@@ -143,17 +143,28 @@ def setup_preference(run: Run, *, reference_offload: bool = False, keep_ties: bo
         trainee = setup_pipeline(run, needs_reward=True, trainee_class=trainee_class, **extra)
     else:
         pairs = read_preference_pairs(cfg, keep_ties=keep_ties)
-        prompts = cfg.validation.prompts or read_prompts(cfg.data.prompts) or [p.prompt or "" for p in pairs]
-        validation_prompts = PromptData(prompts, StepIndexedSampler(len(prompts), 1))
         sampler = StepIndexedSampler(len(pairs), cfg.train.batch_size, run.num_processes, cfg.train.seed)
-        trainee = setup_pipeline(run, needs_reward=bool(cfg.reward), data=validation_prompts, trainee_class=trainee_class,
-                                 pairs=pairs, pair_sampler=sampler, **extra)  # fmt: skip
+        trainee = setup_pipeline(run, needs_reward=bool(cfg.reward), data=validation_prompts(cfg, [p.prompt or "" for p in pairs]),
+                                 trainee_class=trainee_class, pairs=pairs, pair_sampler=sampler, **extra)  # fmt: skip
         if trainee.adapter.is_edit and any(p.source is None for p in pairs):
             raise ValueError(f"{cfg.data.pairs}: an edit model trains on pairs with a source image (source_image column)")
-    if reference and not cfg.lora.enabled:  # full fine-tuning: the reference is a frozen copy of the starting weights
-        trainee.reference = frozen_copy(trainee.adapter, offload=reference_offload)
-        trainee.reference_offload = reference_offload
+    if reference:
+        add_frozen_reference(trainee, offload=reference_offload)
     return trainee
+
+
+def validation_prompts(cfg: PipelineTrainingConfig, dataset_prompts: Sequence[str]) -> PromptData:
+    """What validation samples when the training data is a file: ``validation.prompts``, else
+    ``data.prompts``, else the file's own prompts."""
+    prompts = cfg.validation.prompts or read_prompts(cfg.data.prompts) or list(dataset_prompts)
+    return PromptData(prompts, StepIndexedSampler(len(prompts), 1))
+
+
+def add_frozen_reference(trainee: PreferenceTrainee, *, offload: bool) -> None:
+    """Under full fine-tuning, the reference is a frozen copy of the starting weights (LoRA: the disabled adapter)."""
+    if not trainee.cfg.lora.enabled:
+        trainee.reference = frozen_copy(trainee.adapter, offload=offload)
+        trainee.reference_offload = offload
 
 
 def read_preference_pairs(cfg: PipelineTrainingConfig, *, keep_ties: bool, path: str | None = None) -> list:
@@ -384,6 +395,6 @@ def dpo_step(trainee: PreferenceTrainee, micro: MicroStep) -> StepLoss:
 DPO = Method("dpo", DpoTrainingConfig, setup=setup, step=dpo_step, check=check_config)
 
 __all__ = ["DPO", "Candidates", "DenoisingErrors", "DpoConfig", "DpoTrainingConfig", "PreferenceDataConfig",
-           "PreferencePairs", "PreferenceTrainee", "best_and_worst", "check_preference_data", "dataset_pairs",
+           "PreferencePairs", "PreferenceTrainee", "add_frozen_reference", "best_and_worst", "check_preference_data", "dataset_pairs",
            "denoising_errors", "dpo_loss", "dpo_step", "drop_captions", "frozen_copy", "on_policy_candidates",
-           "on_policy_pairs", "read_preference_pairs", "reference_denoiser", "setup_preference"]  # fmt: skip
+           "on_policy_pairs", "read_preference_pairs", "reference_denoiser", "setup_preference", "validation_prompts"]  # fmt: skip

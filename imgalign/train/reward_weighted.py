@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 
 from ..losses.preference import reward_weighted_loss
 from .config import PipelineTrainingConfig
-from .data import Batch, ImageCaptionData, PromptData, StepIndexedSampler, read_image_folder, read_prompts
+from .data import Batch, ImageCaptionData, StepIndexedSampler, read_image_folder
 from .kto import KtoDataConfig, LabelledImage, check_labels_data, load_labelled_images
 from .pipeline import check_pipeline, sample_images, score, setup_pipeline
-from .preference import PreferenceTrainee, denoising_errors, on_policy_candidates, setup_preference
+from .preference import PreferenceTrainee, denoising_errors, on_policy_candidates, setup_preference, validation_prompts
 from .registry import Method
 from .run import MicroStep, Run, StepLoss
 
@@ -132,9 +132,8 @@ def setup(run: Run) -> RwrTrainee:
                                    trainee_class=RwrTrainee)  # fmt: skip
     elif cfg.data.source == "labels":
         items = load_labelled_images(cfg.data.labels, cfg.sampling.height, cfg.data.skip_bad_rows)
-        prompts = cfg.validation.prompts or read_prompts(cfg.data.prompts) or [item.prompt for item in items]
         trainee = setup_pipeline(run, needs_reward=bool(cfg.reward), trainee_class=RwrTrainee,
-                                 data=PromptData(prompts, StepIndexedSampler(len(prompts), 1)))  # fmt: skip
+                                 data=validation_prompts(cfg, [item.prompt for item in items]))  # fmt: skip
         trainee.weighted = labelled_set(trainee, items, run)
     else:
         trainee = setup_pipeline(run, needs_reward=True, trainee_class=RwrTrainee)

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/imgalign demo --out runs/demo
+	$(VENV)/bin/imgalign demo --out runs/demo --overwrite
 
 test: venv
 	$(PY) -m pytest tests

@@ -6,8 +6,8 @@ Why it is built this way:
   per-reward components of a composite) or the error that stopped it (missing file,
   unreadable image, a reward that refused the input). Errors are never kept.
 * **Resumable.** Results are written as they are produced, one small part file per batch
-  (``parts/part-<first>-<last>.jsonl``, each written atomically). A restarted run reads the
-  parts, skips the indices already done and scores only the rest, so no item is scored
+  (``parts/part-<first>-<last>.jsonl``, each written atomically). A restarted run
+  (``imgalign filter ... --resume``) reads the parts, skips the indices already done and scores only the rest, so no item is scored
   twice and none is dropped, whatever moment the previous run was killed at. Tests stop a
   run at a known point with ``IMGALIGN_FILTER_FAIL_AFTER_PARTS=N`` (see :data:`FAULT_ENV`).
 * **Data parallel.** Under ``accelerate launch`` each process takes every ``world``-th of the
@@ -173,7 +173,7 @@ def score_items(reward, records: list[dict], indices: Sequence[int], spec: Filte
     base_dir = rewards.data.base_dir(spec.data)
     needs_source = "source_images" in reward.info.inputs
     fail_after = _parts_before_fault()
-    with tqdm(total=len(indices), desc="filter", unit="item", disable=not show_progress) as bar:
+    with tqdm(total=len(indices), desc="filter", unit="item", disable=None if show_progress else True) as bar:  # terminal only
         for written, start in enumerate(range(0, len(indices), spec.batch_size), start=1):
             batch = indices[start:start + spec.batch_size]
             results: dict[int, dict] = {}
@@ -306,7 +306,8 @@ def plot_histogram(scores: list[float], kept_scores: list[float], path: Path, bi
     ax.set_xlabel("score")
     ax.set_ylabel("items")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing scored and no threshold: no legend (and no warning)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -373,8 +374,8 @@ def check_run_file(spec: FilterSpec, out: Path, n_items: int) -> None:
         previous = json.loads(run_file.read_text())
         if previous != identity:
             changed = [k for k in identity if previous.get(k) != identity[k]]
-            raise ValueError(f"{out} holds a run with different {', '.join(changed)}: use another --out, "
-                             f"or delete {out} to start over")
+            raise ValueError(f"--resume: {out} holds a run with different {', '.join(changed)}: use another --out, "
+                             "or --overwrite to start over")
     else:
         atomic_write_bytes(run_file, (json.dumps(identity, indent=2) + "\n").encode())
 

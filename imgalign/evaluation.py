@@ -116,6 +116,44 @@ def evaluate(
     return EvalResult(prompts, k, scores, diversity, details, all_images if keep_images else None, aspects)
 
 
+def score_images(rewards: dict[str, Any], images: torch.Tensor, texts: list[str], *, batch_size: int = 64,
+                 ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:  # fmt: skip
+    """Per-image scores ``{reward: [B]}`` and per-image details ``{reward: [row, ...]}`` (rewards that give them).
+
+    What :func:`evaluate` computes over the whole set, for one batch: a command that writes
+    each batch's images and scores as it goes (``imgalign eval``) keeps them per image, so
+    an interrupted evaluation resumes without scoring anything twice.
+    """
+    scores, details = {}, {}
+    for name, reward in rewards.items():
+        with torch.no_grad():
+            scores[name] = [float(v) for v in reward.score_batched(images, texts, batch_size=batch_size).float().cpu()]
+            rows = reward.details(images, texts)
+        if rows is not None:
+            details[name] = [{k: float(v) for k, v in row.items()} for row in rows]
+    return scores, details
+
+
+def result_from_records(prompts: Sequence[str], images_per_prompt: int, records: Sequence[dict[str, Any]],
+                        images: torch.Tensor, rewards: dict[str, Any]) -> EvalResult:  # fmt: skip
+    """An :class:`EvalResult` from per-image records (``scores``, optional ``details``) in job order.
+
+    ``images``: the saved (8-bit) images, so that a resumed evaluation, which reads the
+    finished ones back from their PNGs, reports exactly what an uninterrupted one does.
+    """
+    k, n = images_per_prompt, len(prompts)
+    scores = {name: np.array([r["scores"][name] for r in records], dtype=np.float64).reshape(n, k) for name in rewards}
+    details, aspects = {}, {}
+    for name, reward in rewards.items():
+        rows = [r.get("details", {}).get(name) for r in records]
+        if rows and all(row is not None for row in rows):
+            details[f"{name}/attributes"] = reward.summarize_details(rows)
+            for aspect in rows[0]:
+                aspects[f"{name}/{aspect}"] = np.array([float(row[aspect]) for row in rows]).reshape(n, k)
+    diversity = np.array([pairwise_diversity(images[i * k : (i + 1) * k]) for i in range(n)])
+    return EvalResult(list(prompts), k, scores, diversity, details, images, aspects)
+
+
 def compare(before: EvalResult, after: EvalResult, reward: str, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
     """Gain after - before on the same prompts and seeds, with a paired bootstrap 95% interval."""
     if before.prompts != after.prompts or before.images_per_prompt != after.images_per_prompt:

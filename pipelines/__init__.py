@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,11 @@ def load(
             index = path / "model_index.json"
             if not index.is_file():
                 raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-            class_name = json.loads(index.read_text())["_class_name"]
+            try:
+                class_name = json.loads(index.read_text())["_class_name"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{index} is not a diffusers model_index.json (no _class_name); "
+                                 "save the pipeline again with save_pretrained") from None  # fmt: skip
             adapter_cls = adapter_for(class_name)
         elif str(source).startswith((".", "/", "~")) or os.sep + os.sep in str(source) or str(source).count("/") != 1:
             raise FileNotFoundError(f"pipeline directory not found: {source}")
@@ -120,12 +125,30 @@ def load(
         if dtype is not None:
             from_pretrained_kwargs["torch_dtype"] = dtype
         pipeline_type = adapter_cls.pipeline_type() if adapter_cls is not None else DiffusionPipeline
-        pipe = pipeline_type.from_pretrained(str(source), **from_pretrained_kwargs)
+        try:
+            with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones only know it
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                pipe = pipeline_type.from_pretrained(str(source), **from_pretrained_kwargs)
+        except OSError as err:
+            raise _load_error(source, is_local=path.exists(), err=err) from err
         adapter = (adapter_cls or adapter_for(type(pipe).__name__))(pipe)
     if device is not None or dtype is not None:
         adapter.to(device=device, dtype=dtype)
     adapter.set_attention_backend(attention)
     return adapter
+
+
+def _load_error(source: Any, *, is_local: bool, err: OSError) -> OSError:
+    """What diffusers' OSError means for the user, in one line that names the pipeline and what to do."""
+    text = " ".join(str(err).split())
+    if not is_local and ("cache" in text or "offline" in text.lower() or "connect" in text.lower()):
+        return FileNotFoundError(
+            f"{source} is not a local pipeline directory and is not in the Hugging Face cache; download it with "
+            f"`hf download {source}` (or allow network access: unset HF_HUB_OFFLINE), or give a local directory"
+        )
+    if "Unable to load weights" in text or "safetensors" in text.lower():
+        return OSError(f"{text} The file is corrupt or truncated: save or download the pipeline again")
+    return err
 
 
 __all__ = [

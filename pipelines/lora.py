@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,11 +175,14 @@ def save_lora(adapter: DiffusionAdapter, directory: str | os.PathLike, *, adapte
     metadata_key = f"{adapter.denoiser_name}_lora_adapter_metadata"
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # os.mkdir, not tempfile.mkdtemp: the LoRA gets the umask's ordinary permissions, not 0700
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
     try:
         type(adapter.pipe).save_lora_weights(
             tmp, **{layers_key: state, metadata_key: metadata}, weight_name=WEIGHT_NAME, safe_serialization=True
         )
+        _ordinary_permissions(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -195,16 +198,92 @@ def save_lora(adapter: DiffusionAdapter, directory: str | os.PathLike, *, adapte
 
 
 def load_lora(adapter: DiffusionAdapter, directory: str | os.PathLike, *, adapter_name: str = "default") -> None:
-    """Load a diffusers-format LoRA into the adapter's pipeline (what users do with diffusers)."""
+    """Load a diffusers-format LoRA into the adapter's pipeline (what users do with diffusers).
+
+    ``directory`` holds ``pytorch_lora_weights.safetensors`` (or is that file). What diffusers
+    reports as a logged error, a warning or not at all (a directory without weights, a
+    corrupt file, another architecture's LoRA whose shapes do not fit, or whose keys match no
+    module, so that nothing loads) is a one-line ``ValueError`` here, naming the directory.
+    """
     path = Path(directory)
     if not path.exists():
         raise FileNotFoundError(f"LoRA directory not found: {path}")
-    adapter.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    weights = _lora_weights_file(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            count = len(list(handle.keys()))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: the file does not read
+        raise ValueError(f"{weights} is not a readable safetensors file ({_one_line(err)}); "
+                         "save or download the LoRA again") from None  # fmt: skip
+    if count == 0:
+        raise ValueError(f"{weights} holds no tensors: not a trained LoRA")
+    with _quiet_diffusers():
+        try:
+            adapter.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            text = _one_line(err)
+            reason = "its weight shapes differ from the model's layers" if "size mismatch" in text else text[:120]
+            raise ValueError(f"LoRA {path} does not fit this {adapter.family} pipeline ({reason}); "
+                             "was it trained on another model?") from None  # fmt: skip
+    if adapter_name not in lora_names(adapter):
+        raise ValueError(f"LoRA {path}: none of its {count} weights match this {adapter.family} pipeline's "
+                         f"{adapter.denoiser_name}; was it trained on another model?")  # fmt: skip
+
+
+def _lora_weights_file(path: Path) -> Path:
+    """The LoRA's safetensors file in ``path`` (the diffusers name, or the only ``*.safetensors`` there)."""
+    if path.is_file():
+        return path
+    if (path / WEIGHT_NAME).is_file():
+        return path / WEIGHT_NAME
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    listed = f" (found {', '.join(p.name for p in found)})" if found else ""
+    raise ValueError(f"{path} holds no {WEIGHT_NAME}{listed}: not a diffusers LoRA directory "
+                     "(pipelines.save_lora and pipe.save_lora_weights write one)")  # fmt: skip
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Hide what diffusers and peft log or warn while loading a LoRA: failures become our own error."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _frozen_modules(adapter: DiffusionAdapter) -> list[torch.nn.Module]:
     names = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     return [m for n in names if isinstance(m := getattr(adapter.pipe, n, None), torch.nn.Module)]
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Give ``root`` and everything in it the umask's ordinary modes (0644 / 0755 under umask 022).
+
+    safetensors' ``save_file`` creates its files 0600 whatever the umask, so a weight file that
+    others on a shared machine (or a serving container) must read would otherwise be private.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 __all__ = [

@@ -138,8 +138,10 @@ def _source_tensor(image) -> torch.Tensor:
         scale = 255.0 if array.dtype == np.uint8 else 1.0
         return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / scale
     images = image if isinstance(image, (list, tuple)) else [image]
-    if images and all(hasattr(im, "convert") for im in images):  # PIL images
-        return torch.stack([_source_tensor(np.asarray(im.convert("RGB")))[0] for im in images])
+    if images and all(hasattr(im, "convert") for im in images):  # PIL images: every mode (16-bit, alpha, EXIF)
+        from .images import to_rgb_array
+
+        return torch.stack([torch.from_numpy(to_rgb_array(im, "source image")).permute(2, 0, 1) for im in images])
     raise ValueError(f"unsupported source image type {type(image).__name__}: use a tensor, numpy array or PIL image")
 
 

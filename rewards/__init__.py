@@ -10,13 +10,15 @@
 Installed packages add theirs through the ``imgalign.rewards`` entry-point group (the Shapes
 rewards do), so ``rewards.load("shapes-verifier")`` needs no other import first.
 Preference losses are in ``rewards.preference``, metrics in ``rewards.evaluation``, dataset
-reading in ``rewards.data`` and reward-model training in ``rewards.training``.
+reading in ``rewards.data`` (images decoded by ``rewards.load_image``, every PIL mode) and
+reward-model training in ``rewards.training``.
 This package never imports ``imgalign`` or ``pipelines``.
 """
 
-from . import data, evaluation, preference
+from . import data, evaluation, images, preference
 from .base import Reward, RewardInfo, validate_images
 from .composite import CompositeReward
+from .images import UnreadableImageError, load_image
 from .loading import MissingWeightsError, UnsafeCheckpointError, load_state_dict
 from .registry import available, load, parse_spec, register
 
@@ -25,9 +27,11 @@ __all__ = [
     "MissingWeightsError",
     "Reward",
     "RewardInfo",
+    "UnreadableImageError",
     "UnsafeCheckpointError",
     "available",
     "load",
+    "load_image",
     "load_state_dict",
     "parse_spec",
     "register",
@@ -40,6 +44,8 @@ for _name, _target in {
     "clip-t": "rewards.clip_score:clip_t",
     "clip-i": "rewards.clip_score:clip_i",
     "aesthetic": "rewards.aesthetic:aesthetic",
+    "jpeg-compressibility": "rewards.compressibility:jpeg_compressibility",
+    "jpeg-incompressibility": "rewards.compressibility:jpeg_incompressibility",
     "hpsv2": "rewards.hpsv2:hpsv2",
     "hpsv2.1": "rewards.hpsv2:hpsv2_1",
     "pickscore": "rewards.pickscore:pickscore",

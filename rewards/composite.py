@@ -18,6 +18,7 @@ The raw and normalised per-reward values of the last call are in ``last_componen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -83,6 +84,8 @@ class CompositeReward(Reward):
             reward, weight = value if isinstance(value, tuple) else (value, (weights or {}).get(name, 1.0))
             if not isinstance(reward, Reward):
                 raise TypeError(f"member {name!r} is a {type(reward).__name__}, not a Reward")
+            if not math.isfinite(float(weight)):
+                raise ValueError(f"the weight of reward {name!r} must be a finite number, got {weight!r}")
             key = name.replace(".", "_")  # ModuleDict keys cannot contain dots
             self.rewards[key] = reward
             self.weights[name] = float(weight)

@@ -17,8 +17,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["DatasetFormatError", "base_dir", "dataset_format", "find_key", "load_image_value", "read_records"]
@@ -105,8 +103,11 @@ def find_key(record: dict, explicit: str | None, candidates: tuple[str, ...], wh
 
 
 def load_image_value(value, base_dir: str | os.PathLike | None = None) -> Tensor:
-    """An image field as float ``[1,3,H,W]`` in ``[0,1]`` (RGB). Raises on missing/unreadable images."""
-    from PIL import Image
+    """An image field as float ``[1,3,H,W]`` in ``[0,1]`` (RGB). Raises on missing/unreadable images.
+
+    Decoding is :func:`rewards.images.load_image` (every PIL mode, EXIF orientation, alpha on white).
+    """
+    from .images import load_image
 
     source: str | io.BytesIO
     if isinstance(value, dict):
@@ -129,6 +130,4 @@ def load_image_value(value, base_dir: str | os.PathLike | None = None) -> Tensor
         source = str(path)
     else:
         raise ValueError(f"cannot read an image from a {type(value).__name__}")
-    with Image.open(source) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
+    return load_image(source, name=None if isinstance(source, str) else "image bytes")

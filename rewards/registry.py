@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import re
 import typing
 from collections.abc import Callable, Mapping
@@ -121,6 +122,8 @@ def parse_spec(spec: str) -> dict[str, float]:
             raise ValueError(f"bad weight {weight!r} for reward {name!r} in {spec!r}") from None
         if not name:
             raise ValueError(f"empty reward name in {spec!r}")
+        if not math.isfinite(w):
+            raise ValueError(f"weight {weight.strip()!r} for reward {name!r} in {spec!r} is not a finite number")
         if name in out:
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         out[name] = w

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -229,9 +229,12 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
 def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     """Write a directory under a temporary name, then rename it into place (POSIX-atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
+    # os.mkdir, not tempfile.mkdtemp: the saved reward gets the umask's ordinary permissions, not 0700
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
     try:
         write(tmp)
+        _ordinary_permissions(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -243,6 +246,19 @@ def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Give ``root`` and everything in it the umask's ordinary modes (0644 / 0755 under umask 022).
+
+    safetensors' ``save_file`` creates its files 0600 whatever the umask, so a weight file that
+    others on a shared machine (or a serving container) must read would otherwise be private.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_trained_reward(model: TrainableReward, directory: str | os.PathLike) -> Path:

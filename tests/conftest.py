@@ -35,7 +35,7 @@ def pipe_dirs(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("pipes")
     out = {}
-    for family in ("sd15", "sdxl", "sd3", "instruct-pix2pix"):
+    for family in ("sd15", "sdxl", "sd3", "flux", "instruct-pix2pix"):
         build_pipeline(family, "tiny", seed=0).save_pretrained(root / family)
         out[family] = str(root / family)
     return out

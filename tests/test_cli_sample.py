@@ -125,4 +125,4 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"imgalign sample: error: pipeline directory not found: {tmp_path / 'missing'}"]
+    assert proc.stderr.strip().splitlines() == [f"imgalign sample: error: --pipeline: pipeline directory not found: {tmp_path / 'missing'}"]

@@ -73,7 +73,7 @@ def test_every_item_has_a_score_or_an_error(dataset, reference):
     assert [r["index"] for r in rows] == list(range(N_GOOD + 2))
     errors = {r["index"]: r["error"] for r in rows if "error" in r}
     assert set(errors) == {5, 9}
-    assert "does not exist" in errors[5] and "UnidentifiedImageError" in errors[9]
+    assert "does not exist" in errors[5] and "not an image PIL can read" in errors[9]
     assert all(isinstance(r["score"], float) for r in rows if "error" not in r)
     # top half per prompt: 7 scored items per prompt -> ceil(3.5) = 4 kept each
     kept = read_jsonl(reference / "kept.jsonl")
@@ -128,8 +128,8 @@ def committed_parts(out):
 def test_interrupted_run_resumes_to_the_same_output(dataset, reference, tmp_path, monkeypatch, capsys, parts_done):
     out = tmp_path / "interrupted"
     monkeypatch.setenv(FAULT_ENV, str(parts_done))
-    with pytest.raises(InjectedFault):
-        main(args(dataset, out))
+    with pytest.raises(InjectedFault):  # --debug: the simulated kill propagates instead of becoming one line
+        main(args(dataset, out, "--debug"))
     monkeypatch.delenv(FAULT_ENV)
     n_done = 2 * parts_done  # --batch-size 2
     assert sorted(read_parts(out)) == list(range(n_done))
@@ -139,7 +139,10 @@ def test_interrupted_run_resumes_to_the_same_output(dataset, reference, tmp_path
     (out / "parts" / f".part-{n_done:09d}-{n_done + 1:09d}.jsonl.x1y2z3").write_text('{"index": ')
     capsys.readouterr()
 
-    assert main(args(dataset, out)) == 0
+    assert main(args(dataset, out)) == 2  # a used --out needs --resume (or --overwrite)
+    assert "--resume" in capsys.readouterr().err
+    assert committed_parts(out) == before
+    assert main(args(dataset, out, "--resume")) == 0
     n_items = N_GOOD + 2
     resumed = f"resuming: {n_done} of {n_items} item(s) already scored, {n_items - n_done} to go"
     assert resumed in capsys.readouterr().out

@@ -36,9 +36,15 @@ STAND_IN_RECIPES = {
     "sd35_flow_dpo.yaml": "sd3",
     "ip2p_editreward_dpo.yaml": "instruct-pix2pix",
     "sd35_tpo.yaml": "sd3",
+    "sd35_pickscore_grpo.yaml": "sd3",
+    "sd35_rule_grpo.yaml": "sd3",
+    "sd15_aesthetic_ddpo.yaml": "sd15",
+    "flux_hpsv21_grpo.yaml": "flux",
+    "sd35_nft.yaml": "sd3",
 }
 #: Recipes that run on the shipped Shapes weights, no stand-ins needed.
-SHAPES_RECIPES = ("shapes_verifier_draft.yaml", "shapes_verifier_dpo.yaml", "shapes_oracle_tpo.yaml")
+SHAPES_RECIPES = ("shapes_verifier_draft.yaml", "shapes_verifier_dpo.yaml", "shapes_oracle_tpo.yaml", "shapes_oracle_grpo.yaml",
+                  "shapes_oracle_nft.yaml")
 #: Reward-model recipes (method: reward): they run on a tiny pairs file in place of their data.
 REWARD_RECIPES = ("reward.yaml",)
 
@@ -112,6 +118,8 @@ def test_shapes_recipe_runs_as_shipped(recipe, tmp_path, monkeypatch):
     method = load_yaml(path)["method"]
     overrides = [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2", "sampling.num_steps=6",
                  "validation.num_images=2"]  # fmt: skip
+    if method == "nft":  # 8 images per prompt, each trained at 9 times: shrunk to a small rollout
+        overrides += ["nft.group_size=4", "nft.train_batch_size=8"]
     result = train(load_method_config(method, path, overrides))
     assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()
 
@@ -138,6 +146,12 @@ def test_recipe_resolves_and_runs_two_steps_with_tiny_stand_ins(recipe, pipe_dir
         assert [s.reward for s in published.tpo.per_segment] == ["hpsv2.1", "clip"]
         overrides.append("tpo.per_segment=[{reward: test-recipe-red}, {reward: test-recipe-red}]")
         overrides.append("tpo.num_timesteps=20")
+    if method == "grpo":  # the published group sizes and step counts, shrunk to two tiny rollouts
+        assert published.grpo.group_size >= 12 and published.sampling.num_steps >= 10
+        overrides += ["grpo.group_size=2", "grpo.train_batch_size=1", "sampling.num_steps=4"]
+    if method == "nft":  # the published group size and steps, shrunk to two tiny rollouts
+        assert published.nft.group_size == 24 and published.sampling.num_steps == 10
+        overrides += ["nft.group_size=2", "nft.train_batch_size=2", "sampling.num_steps=4"]
     result = train(load_method_config(method, path, overrides))
     assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()
     assert all(m.get("skipped", 0) == 0 for m in result.metrics)

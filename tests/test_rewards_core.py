@@ -179,3 +179,26 @@ def test_offline_weight_errors_recommend_hf_download():
     with pytest.raises(MissingWeightsError, match=r"`hf download someone/not-cached-model`") as err:
         resolve_dir("someone/not-cached-model", "model")
     assert "huggingface-cli" not in str(err.value)
+
+
+def test_jpeg_compressibility_is_ddpos_negative_kilobytes():
+    """DDPO's rule-based reward: -(bytes of a quality-95 JPEG) / 1000; flat images compress, noise does not."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import rewards
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.stack([torch.full((3, 32, 32), 0.5), torch.rand(3, 32, 32, generator=g)])
+    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    expected = []
+    for a in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(buffer, format="JPEG", quality=95)
+        expected.append(-buffer.tell() / 1000)
+    scores = rewards.load("jpeg-compressibility")(images)
+    assert scores.tolist() == pytest.approx(expected) and scores[0] > scores[1]
+    assert rewards.load("jpeg-incompressibility")(images).tolist() == pytest.approx([-e for e in expected])
+    assert not rewards.load("jpeg-compressibility").info.differentiable

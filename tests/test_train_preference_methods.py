@@ -166,7 +166,7 @@ def test_kto_labels_file_bad_rows_are_listed(sd15_dir, labels_file, tmp_path):
 
 # ----------------------------------------------------------------------------- reward-weighted
 def test_group_advantages_are_standardised_within_each_prompt():
-    from imgalign.train.reward_weighted import group_advantages
+    from imgalign.losses import group_advantages
 
     scores = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
     adv = group_advantages(scores, clip=5.0)

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..shapes.demo import DEFAULT_ALGORITHM, algorithm_names
 
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
     parser.add_argument("--algo", default=DEFAULT_ALGORITHM,
                         help=f"alignment method (default {DEFAULT_ALGORITHM}): {', '.join(algorithm_names())}")
     parser.add_argument("--num-prompts", type=int, default=48, help="held-out prompts to evaluate (default 48)")
@@ -35,17 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..shapes.demo import check_algorithm, run_demo
-    from . import CommandError
+    from . import CommandError, prepare_out
 
     if args.algo != "compare":
         try:
             check_algorithm(args.algo)
         except ValueError as err:
             raise CommandError(str(err)) from None
-    if args.num_prompts < 2 or args.images_per_prompt < 1 or args.sample_steps < 2:
-        raise CommandError("--num-prompts must be >= 2, --images-per-prompt >= 1 and --sample-steps >= 2")
+    for option, value, least in (("--num-prompts", args.num_prompts, 2), ("--images-per-prompt", args.images_per_prompt, 1),
+                                 ("--sample-steps", args.sample_steps, 2)):  # fmt: skip
+        if value < least:
+            raise CommandError(f"{option} must be >= {least}, got {value}")
     if args.train_steps is not None and args.train_steps < 1:
-        raise CommandError("--train-steps must be >= 1")
+        raise CommandError(f"--train-steps must be >= 1, got {args.train_steps}")
+    prepare_out(args, demo_outputs(), resumable=False)  # a used --out only with --overwrite
     report = run_demo(args.out, algo=args.algo, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
                       sample_steps=args.sample_steps, train_steps=args.train_steps, seed=args.seed,
                       reward=args.reward)  # fmt: skip
@@ -54,3 +58,10 @@ def run(args: argparse.Namespace) -> int:
     pictures = ", ".join(sorted(p.name for p in args.out.glob("*.png")))
     print(f"finished in {report['seconds']:.0f} s; wrote report.json, report.md, {pictures} to {args.out}")
     return 0
+
+
+def demo_outputs() -> tuple[str, ...]:
+    """What a demo run writes into --out (what --overwrite removes): reports, pictures, one directory per method."""
+    from ..shapes.demo import ALGORITHMS, EDIT_ALGORITHM
+
+    return ("report.json", "report.md", "*.png", "real_images", "edit_sources", *ALGORITHMS, EDIT_ALGORITHM.name)

@@ -20,9 +20,11 @@ import math
 from itertools import combinations
 from pathlib import Path
 
-from imgalign.commands import CommandError
+from imgalign.commands import CommandError, add_output_arguments, prepare_out, resolve_device
 
 HELP = "Evaluate a reward against human preferences (accuracy, accuracy with ties, correlations)."
+#: What eval-reward writes into --out (what --overwrite removes).
+OUTPUTS = ("report.json", "report.md", "predictions.jsonl", "reliability.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="predicted P(A preferred) = sigmoid((s_A - s_B) / T) for the reliability plot")
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", type=Path)
+    add_output_arguments(parser, resumable=False)
 
 
 def _images_of(record: dict) -> list:
@@ -59,15 +62,20 @@ def run(args) -> int:
     from rewards import evaluation as E
     from rewards import preference as P
 
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.bins < 1:
+        raise CommandError(f"--bins must be >= 1, got {args.bins}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise CommandError(f"--temperature must be a finite number > 0, got {args.temperature}")
     try:
         records = rewards.data.read_records(args.data)
     except rewards.data.DatasetFormatError as err:
-        raise CommandError(str(err)) from None
+        raise CommandError(f"--data: {err}") from None
     if not records:
-        raise CommandError(f"{args.data}: no records")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.batch_size < 1:
-        raise CommandError("--batch-size must be >= 1")
+        raise CommandError(f"--data {args.data}: no records")
+    prepare_out(args, OUTPUTS, resumable=False, clear=False)  # a used --out only with --overwrite
+    device = torch.device(resolve_device(args.device))
     reward = _load_reward(args.reward, args.checkpoint).to(device).eval()
     base_dir = rewards.data.base_dir(args.data)
     prompt_keys = ("prompt", "instruction", "caption", "text")
@@ -107,7 +115,7 @@ def run(args) -> int:
             waiting -= len(items)
             score_group(items)
 
-    for number, record in enumerate(tqdm(records, desc="eval-reward", unit="record"), 1):
+    for number, record in enumerate(tqdm(records, desc="eval-reward", unit="record", disable=None), 1):
         try:
             images = [rewards.data.load_image_value(v, base_dir) for v in _images_of(record)]
             prompt = present(record, prompt_keys)
@@ -137,12 +145,17 @@ def run(args) -> int:
     for p in predictions:
         scores = p["scores"]
         k = len(scores)
-        if "label" in p and k == 2:
-            target = P.label_to_target(p["label"])
+        try:
+            target = P.label_to_target(p["label"]) if "label" in p and k == 2 else None
+            # a label of any form train-reward accepts (A/B/tie, 1/0/0.5, a probability) is a 2-way ranking
+            ranking = (E.parse_ranking(p["ranking"], k) if "ranking" in p
+                       else None if target is None else "tie" if target == 0.5 else (0, 1) if target > 0.5 else (1, 0))
+        except (ValueError, TypeError) as err:
+            raise CommandError(f"--data {args.data}: record {p['record'] + 1}: {err}") from None
+        if target is not None:
             h.append(0 if target == 0.5 else (1 if target > 0.5 else -1))
             m.append(scores[0] - scores[1])
-        if "ranking" in p or ("label" in p and k == 2):
-            ranking = E.parse_ranking(p.get("ranking", p.get("label")), k)
+        if ranking is not None:
             groups.setdefault(k, []).append((scores, ranking))
             if k > 2:  # every pair of a ranked group also counts pairwise (EditReward-Bench)
                 position = {item: r for r, item in enumerate(ranking)}
@@ -191,6 +204,10 @@ def run(args) -> int:
     rows = [r for r in rows if r["value"] is not None]
     table = E.format_markdown_table(rows, ["metric", "value", "n"])
     out = Path(args.out)
+    if args.overwrite:
+        from imgalign.outputs import clear_outputs
+
+        clear_outputs(out, OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "report.json", (E.to_json(report) + "\n").encode())
     atomic_write_bytes(out / "report.md", (f"# {args.reward} on {args.data}\n\n{table}\n").encode())

@@ -5,17 +5,21 @@
         --threshold 0.5 --out runs/edits-kept
 
 Items are text-to-image records (image + prompt) or edit triples (source image +
-instruction + edited image). Rerunning the same command after a crash continues where it
-stopped. See :mod:`imgalign.curation` for the outputs.
+instruction + edited image). Rerunning the same command with ``--resume`` after a crash
+continues where it stopped; a non-empty ``--out`` needs ``--resume`` or ``--overwrite``. A run
+in which no item could be scored exits with status 2. See :mod:`imgalign.curation` for the
+outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from imgalign.commands import CommandError
+from imgalign.commands import CommandError, add_output_arguments, blame, prepare_out, resolve_device
 
 HELP = "Score a dataset with a reward (or composite) and keep the top fraction or a threshold."
+#: What filter writes into --out (what --overwrite removes); see imgalign.curation.
+OUTPUTS = ("parts", "run.json", "scores.jsonl", "kept", "kept.jsonl", "kept.parquet", "summary.json", "histogram.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bins", type=int, default=30, metavar="N", help="histogram bins")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: the process's accelerate device)")
     parser.add_argument("--out", required=True, metavar="DIR")
+    add_output_arguments(parser)
 
 
 def _load_reward(spec: str, checkpoint: str | None):
@@ -50,22 +55,26 @@ def _load_reward(spec: str, checkpoint: str | None):
         raise CommandError(f"--reward: {err}") from None
     if checkpoint is not None and len(members) != 1:
         raise CommandError("--checkpoint needs exactly one --reward")
-    try:
+    with blame(*(("--reward", spec) if checkpoint is None else ("--checkpoint", checkpoint))):
         if len(members) == 1:
             (name, weight), = members.items()
             reward = rewards.load(name, **({"checkpoint": checkpoint} if checkpoint else {}))
             # a one-member composite gives the same record shape (components + total) as several
             return rewards.CompositeReward({name: (reward, weight)}, normalize="none")
         return rewards.load(members)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        raise CommandError(f"cannot load reward {spec!r}: {err}") from None
 
 
 def run(args) -> int:
+    import math
+
     if args.batch_size < 1:
-        raise CommandError("--batch-size must be >= 1")
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.bins < 1:
+        raise CommandError(f"--bins must be >= 1, got {args.bins}")
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
-        raise CommandError("--top-fraction must be in (0, 1]")
+        raise CommandError(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise CommandError(f"--threshold must be a finite number, got {args.threshold}")
     if args.per == "prompt" and args.threshold is not None:
         raise CommandError("--per prompt applies to --top-fraction; a threshold is the same for every prompt")
 
@@ -78,8 +87,16 @@ def run(args) -> int:
     try:
         rewards.data.dataset_format(args.data)
     except rewards.data.DatasetFormatError as err:
-        raise CommandError(str(err)) from None
+        raise CommandError(f"--data: {err}") from None
+    prepare_out(args, OUTPUTS, clear=False)  # every process checks (read-only) before anything loads
+    if args.device is not None:
+        resolve_device(args.device)
     state = PartialState(cpu=args.device == "cpu")
+    if args.overwrite and state.is_main_process:
+        from imgalign.outputs import clear_outputs
+
+        clear_outputs(args.out, OUTPUTS)
+    state.wait_for_everyone()
     device = torch.device(args.device) if args.device else state.device
     reward = _load_reward(args.reward, args.checkpoint).to(device).eval()
     spec = FilterSpec(data=args.data, out=args.out, reward=args.reward, checkpoint=args.checkpoint,
@@ -90,4 +107,7 @@ def run(args) -> int:
     if summary is not None:
         print(f"kept {summary['kept']} of {summary['items']} item(s) ({summary['errors']} error(s)) -> "
               f"{summary['kept_dataset']}; scores in {args.out}/scores.jsonl, histogram {args.out}/histogram.png")
+        if summary["scored"] == 0:
+            raise CommandError(f"--data {args.data}: none of the {summary['items']} item(s) could be scored; "
+                               f"the reason of each is in {args.out}/scores.jsonl")  # fmt: skip
     return 0

@@ -8,21 +8,23 @@ Seeding convention: image ``i`` of a run (counting over all prompts and repeats)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import CommandError
+from . import CommandError, add_output_arguments, blame, prepare_out, resolve_device
 
 if TYPE_CHECKING:
     from ..sampling.segments import SegmentRouting
 
 HELP = "Generate images with a diffusers pipeline (PNG files, samples.jsonl, grid.png)."
+#: What sample writes into --out (what --overwrite removes); see imgalign.outputs.
+OUTPUTS = ("[0-9][0-9][0-9][0-9]*.png", "samples.jsonl", "grid.png")
 # imgalign.sampling.SAMPLERS, spelled out so that parsing arguments does not import torch.
-SAMPLER_CHOICES = ["ode", "combined", "aig", "best-of-n", "segments"]
+SAMPLER_CHOICES = ["ode", "combined", "aig", "best-of-n", "segments", "noise-search", "path-search", "speculative"]
+REWARD_SAMPLERS = ("best-of-n", "noise-search", "path-search", "speculative")  # imgalign.sampling.REWARD_SAMPLERS
 
 # Names come from pipelines.register and installed packages' "imgalign.pipelines" entry points.
 PIPELINE_HELP = "pipeline directory, hub id, or registered name ('shapes', 'shapes-edit' = the shipped Shapes models)"
@@ -50,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ode: the pipeline's own loop; combined: base model for the first --switch-step "
                              "steps, then the LoRA; aig: s*base + (1-s)*tuned with s = 1-(i/T)^p (needs --lora); "
                              "best-of-n: the best of --best-of samples under --sampler-reward; segments: each "
-                             "noise-level segment runs its own LoRA (timestep-segment DPO)")
+                             "noise-level segment runs its own LoRA (timestep-segment DPO); noise-search, "
+                             "path-search, speculative: test-time search under --sampler-reward (see --search-*, "
+                             "--branches/--path-*, --prune-*)")
     parser.add_argument("--switch-step", type=int, default=None,
                         help="combined: steps run by the base model (default: 3/4 of --steps, ImageReFL's 30/40)")
     parser.add_argument("--aig-power", type=float, default=1.0, help="aig: the power p (default 1)")
@@ -59,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+    add_output_arguments(parser)
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,23 +78,95 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_best_of_n_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--best-of", type=int, default=4, help="best-of-n: candidates per image (default 4)")
-    parser.add_argument("--sampler-reward", default=None, help="best-of-n: the reward that picks (a name or directory)")
+    parser.add_argument("--best-of", type=int, default=4,
+                        help="best-of-n, speculative, noise-search: candidates per image (per round for noise-search); "
+                             "path-search: paths kept (default 4)")
+    parser.add_argument("--sampler-reward", default=None,
+                        help="best-of-n and the search samplers: the reward that picks (a name or directory)")
+    search = parser.add_argument_group("search samplers (imgalign.sampling.search; defaults: the sampler's)")
+    for flag, kind, text in SEARCH_FLAGS:
+        search.add_argument(flag, type=kind, default=None, help=text)
+
+
+# flag, type, help; SEARCH_OPTIONS maps each to (sampler, keyword of the sampler function).
+SEARCH_FLAGS = [
+    ("--search-method", str, "noise-search: smart (Smart-GRPO's Gaussian refit on one-step decodes, default) "
+                             "or zero-order (Ma et al. 2025: full samples around a pivot noise)"),
+    ("--search-rounds", int, "noise-search: rounds (default 3)"),
+    ("--search-keep", int, "noise-search smart: candidates kept per round to refit the Gaussian (default n/4)"),
+    ("--search-smoothing", float, "noise-search smart: s in mu <- s*mu + (1-s)*mean(kept) (default 0.5)"),
+    ("--search-std-floor", float, "noise-search smart: the lowest sigma (default 0.5)"),
+    ("--search-radius", float, "noise-search zero-order: neighbourhood sqrt(1-r^2)*pivot + r*eps (default 0.5)"),
+    ("--branches", int, "path-search: re-noised branches per path and round (default 2)"),
+    ("--path-start", int, "path-search: the step where branching starts (default steps/4)"),
+    ("--path-backtrack", int, "path-search: steps re-noised back per round (default steps/10, at least 1)"),
+    ("--path-advance", int, "path-search: steps denoised per round from the re-noised level (default: 3 rounds)"),
+    ("--prune-at", str, "speculative: comma-separated steps before which to prune (default steps/3,2*steps/3; "
+                        "'' for none)"),
+    ("--prune-fraction", float, "speculative: fraction of live candidates dropped at each pruning (default 0.5)"),
+]
+SEARCH_OPTIONS = {
+    "search_method": ("noise-search", "method"), "search_rounds": ("noise-search", "rounds"),
+    "search_keep": ("noise-search", "keep"), "search_smoothing": ("noise-search", "smoothing"),
+    "search_std_floor": ("noise-search", "std_floor"), "search_radius": ("noise-search", "radius"),
+    "branches": ("path-search", "branches"), "path_start": ("path-search", "start"),
+    "path_backtrack": ("path-search", "backtrack"), "path_advance": ("path-search", "advance"),
+    "prune_at": ("speculative", "prune_at"), "prune_fraction": ("speculative", "prune_fraction"),
+}  # fmt: skip
+SMART_ONLY, ZERO_ORDER_ONLY = ("keep", "smoothing", "std_floor"), ("radius",)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def search_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The search sampler's keywords from its flags; a flag of another sampler is an error."""
+    options: dict[str, Any] = {}
+    for dest, (sampler, key) in SEARCH_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if sampler != args.sampler:
+            raise CommandError(f"{_flag(dest)} is an option of --sampler {sampler}, not {args.sampler}")
+        if key == "prune_at":
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise CommandError(f"--prune-at takes comma-separated step numbers (e.g. 3,6), got {value!r}") from None
+        options[key] = value
+    if args.sampler == "noise-search":
+        method = options.get("method", "smart")
+        other = ZERO_ORDER_ONLY if method == "smart" else SMART_ONLY
+        for key in other:
+            if key in options:
+                raise CommandError(f"--search-{key.replace('_', '-')} is not an option of --search-method {method}")
+    return options
 
 
 def sampler_options(args: argparse.Namespace) -> dict:
-    """Checks the sampler flags; returns best-of-n's keywords for ``run_sampler`` (empty otherwise)."""
+    """Checks the sampler flags; returns the reward samplers' keywords for ``run_sampler`` (empty otherwise)."""
     if args.sampler in ("combined", "aig") and args.lora is None:
         raise CommandError(f"--sampler {args.sampler} mixes the base model and a LoRA: give --lora DIR")
-    if args.sampler != "best-of-n":
+    search = search_options(args)
+    if args.sampler not in REWARD_SAMPLERS:
         return {}
     if args.sampler_reward is None:
-        raise CommandError("--sampler best-of-n needs --sampler-reward NAME (the reward that picks the best)")
+        raise CommandError(f"--sampler {args.sampler} needs --sampler-reward NAME (the reward that picks the best)")
     if args.best_of < 1:
         raise CommandError(f"--best-of must be >= 1, got {args.best_of}")
+    options: dict[str, Any] = {"n": args.best_of}
+    if args.sampler != "best-of-n":
+        from ..sampling import check_search_options
+
+        try:
+            check_search_options(args.sampler, n=args.best_of, num_steps=args.steps, **search)
+        except ValueError as err:
+            raise CommandError(f"--sampler {args.sampler}: {err}") from None
+        options["search"] = search
     import rewards
 
-    return {"reward": rewards.load(args.sampler_reward), "n": args.best_of}
+    return {"reward": rewards.load(args.sampler_reward), **options}
 
 
 SEGMENT_NAME = re.compile(r"seg(\d+)")
@@ -253,6 +330,16 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [text]
 
 
+def _resumable(out: Path, expected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished records of the interrupted run in ``out`` (a changed option is a one-line error)."""
+    from ..outputs import OutputExistsError, resumable_records
+
+    try:
+        return resumable_records(out, expected)
+    except OutputExistsError as err:
+        raise CommandError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -260,10 +347,12 @@ def run(args: argparse.Namespace) -> int:
     import pipelines
 
     from ..images import load_image, save_grid, save_png
+    from ..outputs import JsonlAppender, clear_outputs
     from ..sampling import plan_segments, run_sampler
 
     check_values(args, {"--num-images": args.num_images, "--steps": args.steps, "--batch-size": args.batch_size})
     prompts = read_prompts(args)
+    resuming = prepare_out(args, OUTPUTS, clear=False)  # refuse a used --out before anything loads
     best_of_n = sampler_options(args)
     loras = lora_choice(args)
     switch_step = args.switch_step if args.switch_step is not None else (3 * args.steps) // 4
@@ -271,32 +360,63 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--switch-step must be in [0, --steps={args.steps}], got {switch_step}")
     if args.sampler == "aig" and args.aig_power < 0:
         raise CommandError("--aig-power must be >= 0")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
-    adapter = pipelines.load(args.pipeline, dtype=dtype, device=device, attention=args.attention)
-    loras.load(adapter)
+    with blame("--pipeline", args.pipeline):
+        adapter = pipelines.load(args.pipeline, dtype=dtype, device=device, attention=args.attention)
+    with blame("--lora"):
+        loras.load(adapter)
     source = None
     if adapter.is_edit:
         if args.image is None:
             raise CommandError(f"{adapter.family} is an edit pipeline: give --image SRC and --instruction TEXT")
-        source = load_image(args.image)
+        with blame("--image", args.image):
+            source = load_image(args.image, expected_side=min(adapter.default_size()))
     elif args.image is not None:
         raise CommandError(f"--image is only for edit pipelines; {adapter.family} is text-to-image")
     height, width = args.height, args.width
     if source is not None:
         height, width = height or source.shape[-2], width or source.shape[-1]
-    height, width = adapter.check_size(height, width)  # fail fast, before any model call
+    with blame("--height/--width"):
+        height, width = adapter.check_size(height, width)  # fail fast, before any model call
     segment_record = {}
     if loras.routing is not None:  # also checks --skip against the schedule before any model call
         plan = plan_segments(adapter, loras.routing, args.steps, skip=loras.skip, height=height, width=width)
         segment_record = {"function_evaluations": plan.function_evaluations, "steps_per_segment": plan.steps_per_segment}
 
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_images))]
+    picked = args.sampler in REWARD_SAMPLERS  # records also get the pick's score and the evaluations spent
+
+    def settings(index: int, prompt: str, seed: int) -> dict[str, Any]:
+        """What record ``index`` says before its image exists (a resumed run must say the same)."""
+        record = {"file": f"{index:04d}.png", "prompt": prompt, "seed": seed, "steps": args.steps,
+                  "guidance": args.guidance, "height": height, "width": width,
+                  "pipeline": str(args.pipeline), **loras.record(), "sampler": args.sampler}  # fmt: skip
+        if args.sampler == "combined":
+            record["switch_step"] = switch_step
+        elif args.sampler == "aig":
+            record["aig_power"] = args.aig_power
+        elif picked:
+            record.update(best_of=args.best_of, sampler_reward=args.sampler_reward,
+                          **({"search": best_of_n["search"]} if "search" in best_of_n else {}))  # fmt: skip
+        elif args.sampler == "segments":
+            record.update(segment_record)
+        return record
+
+    expected = [settings(i, p, s) for i, (p, s) in enumerate(jobs)]
+    done = _resumable(args.out, expected) if resuming else []
+    if args.overwrite:
+        clear_outputs(args.out, OUTPUTS)
     args.out.mkdir(parents=True, exist_ok=True)
+    log = JsonlAppender(args.out / "samples.jsonl", done)  # a torn last record of an interrupted run is dropped
+    records = list(done)
+    images = [load_image(args.out / r["file"])[0] for r in done]
     guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
-    records, images = [], []
-    with (args.out / "samples.jsonl").open("w") as log, tqdm(total=len(jobs), desc="sampling", unit="img") as bar:
-        for start in range(0, len(jobs), args.batch_size):
+    if done:
+        print(f"resuming: {len(done)} of {len(jobs)} image(s) already in {args.out}")
+    # progress bars on a terminal only (disable=None), not in logs or tests
+    with tqdm(total=len(jobs), initial=len(done), desc="sampling", unit="img", disable=None) as bar:
+        for start in range(len(done), len(jobs), args.batch_size):
             batch = jobs[start : start + args.batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
             extra = {}
@@ -305,25 +425,18 @@ def run(args: argparse.Namespace) -> int:
             common = dict(num_steps=args.steps, height=height, width=width, generator=generators, **guidance, **extra)
             out = run_sampler(args.sampler, adapter, [p for p, _ in batch], switch_step=switch_step,
                               aig_power=args.aig_power, routing=loras.routing, skip=loras.skip, **best_of_n,
-                              **common)  # fmt: skip
-            for k, ((prompt, seed), image) in enumerate(zip(batch, out.cpu(), strict=True)):
-                name = f"{start + k:04d}.png"
-                save_png(image, args.out / name)
-                record = {"file": name, "prompt": prompt, "seed": seed, "steps": args.steps,
-                          "guidance": args.guidance, "height": height, "width": width,
-                          "pipeline": str(args.pipeline), **loras.record(), "sampler": args.sampler}  # fmt: skip
-                if args.sampler == "combined":
-                    record["switch_step"] = switch_step
-                elif args.sampler == "aig":
-                    record["aig_power"] = args.aig_power
-                elif args.sampler == "best-of-n":
-                    record.update(best_of=args.best_of, sampler_reward=args.sampler_reward)
-                elif args.sampler == "segments":
-                    record.update(segment_record)
-                log.write(json.dumps(record) + "\n")
+                              return_output=picked, **common)  # fmt: skip
+            for k, image in enumerate((out.images if picked else out).cpu()):
+                record = dict(expected[start + k])
+                save_png(image, args.out / record["file"])  # atomic: complete, or absent
+                if picked:
+                    record.update(score=float(out.scores[k]), nfe=int(out.nfe[k]))
+                log.add(record)
                 records.append(record)
                 images.append(image)
+            log.commit()  # the batch's records, after its images: an interrupted run stays consistent
             bar.update(len(batch))
-    save_grid(images, args.out / "grid.png")
+    save_grid(images, args.out / "grid.png", captions=[r["prompt"] for r in records],
+              scores=[r.get("score") for r in records] if picked else None)  # fmt: skip
     print(f"wrote {len(records)} images, samples.jsonl and grid.png to {args.out}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..cli import OneLineArgumentParser
 from . import CommandError
 
 HELP = "Train with a registered method (reward backprop, preference optimisation, reward models; --help lists them)."
@@ -31,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every training command shares (``train`` and ``train-reward``)."""
     parser.add_argument("--config", help="a YAML recipe (see recipes/)")
-    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir) or a checkpoint directory")
+    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir) or a checkpoint directory; "
+                                         "the config must match the resumed run's (but for train.max_steps, "
+                                         "logging, validation and checkpoint frequency)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the previous run in a non-empty output_dir (its files are removed first)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
                         help="end this invocation after N optimizer steps in total, with a checkpoint "
                              "(the schedule still targets train.max_steps)")  # fmt: skip
@@ -43,7 +48,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
-class _OverridesAfterOptionsParser(argparse.ArgumentParser):
+class _OverridesAfterOptionsParser(OneLineArgumentParser):
     """Accept ``train refl --config F a.b=1``: argparse alone matches positionals in one run.
 
     The ``key=value`` words (that are not an option's value) are moved next to the method
@@ -84,7 +89,7 @@ def run_method(name: str, args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     try:
-        result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+        result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
     except TrainingDiverged as exc:
         raise CommandError(str(exc)) from None
     if result.weights_dir is not None:

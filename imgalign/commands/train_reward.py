@@ -1,7 +1,7 @@
 """``imgalign train-reward``: train a reward model on preference pairs (the ``reward`` method).
 
     imgalign train-reward --config recipes/reward.yaml train.max_steps=500 model.mode=lora lora.rank=16
-    imgalign train-reward --config recipes/reward.yaml --resume latest
+    imgalign train-reward --config recipes/reward.yaml train.max_steps=800 model.mode=lora lora.rank=16 --resume latest
     accelerate launch --num_processes 4 --mixed_precision bf16 -m imgalign.cli train-reward --config ...
 
 The same as ``imgalign train reward``: the config is

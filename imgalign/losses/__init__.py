@@ -1,5 +1,7 @@
 """Pure loss functions: tensors in, tensors out, each citing its paper and equation."""
 
+from .nft import NftLossOutput, nft_loss, optimality_probability
+from .policy_gradient import PpoClipOutput, group_advantages, ppo_clip_loss, step_mean_kl
 from .preference import (
     PreferenceLossOutput,
     diffusion_dpo_loss,
@@ -20,6 +22,8 @@ from .reward_backprop import (
 )
 
 __all__ = [
+    "NftLossOutput",
+    "PpoClipOutput",
     "PreferenceLossOutput",
     "alignprop_truncation_step",
     "denoising_loss",
@@ -28,10 +32,15 @@ __all__ = [
     "diffusion_kto_loss",
     "draft_loss",
     "draft_lv_loss",
+    "group_advantages",
     "imagerefl_loss",
+    "nft_loss",
+    "optimality_probability",
     "per_sample_error",
+    "ppo_clip_loss",
     "refl_loss",
     "refl_stop_step",
     "reward_weighted_loss",
+    "step_mean_kl",
     "winner_preserving_scale",
 ]

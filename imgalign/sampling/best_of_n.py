@@ -35,19 +35,7 @@ def best_of_n_candidates(
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     batch = len(prompts)
-    if generator is None:
-        generators = [None] * batch
-    elif isinstance(generator, torch.Generator):
-        generators = [generator] * batch
-    else:
-        generators = list(generator)
-        if len(generators) != batch:
-            raise ValueError(f"{len(generators)} generators for {batch} prompts")
-    seeds = [
-        [int(torch.randint(0, 2**62, (1,), generator=g).item()) for _ in range(n)] if g is not None
-        else [int(torch.randint(0, 2**62, (1,)).item()) for _ in range(n)]
-        for g in generators
-    ]  # fmt: skip
+    seeds = candidate_seeds(generator, batch, n)
     candidates = []
     for c in range(n):
         candidate_generators = [torch.Generator("cpu").manual_seed(seeds[i][c]) for i in range(batch)]
@@ -57,6 +45,36 @@ def best_of_n_candidates(
         flat = stacked.flatten(0, 1)
         scores = reward.score_batched(flat, [p for p in prompts for _ in range(n)]).float().view(batch, n)
     return stacked, scores
+
+
+def per_prompt_generators(
+    generator: torch.Generator | Sequence[torch.Generator] | None, batch: int
+) -> list[torch.Generator | None]:
+    """One generator (or None: the global RNG) per prompt; a single generator serves them all."""
+    if generator is None:
+        return [None] * batch
+    if isinstance(generator, torch.Generator):
+        return [generator] * batch
+    generators = list(generator)
+    if len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for {batch} prompts")
+    return generators
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A seed for a fresh generator, drawn from ``generator`` (None: the global RNG)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def candidate_seeds(
+    generator: torch.Generator | Sequence[torch.Generator] | None, batch: int, n: int
+) -> list[list[int]]:
+    """``seeds[i][c]``: the seed of candidate ``c`` of image ``i``, drawn from image ``i``'s generator.
+
+    Best-of-N and the samplers that must match it (speculative rejection without pruning)
+    start candidate ``c`` of image ``i`` from ``torch.Generator("cpu").manual_seed(seeds[i][c])``.
+    """
+    return [[draw_seed(g) for _ in range(n)] for g in per_prompt_generators(generator, batch)]
 
 
 def best_of_n_sample(

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,15 +114,9 @@ def save_routing(routing: SegmentRouting, path: str | os.PathLike) -> Path:
     if path.suffix != ".json":
         path = path / ROUTING_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(routing.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..io import atomic_write_bytes  # ordinary permissions (umask), not mkstemp's 0600
+
+    atomic_write_bytes(path, (json.dumps(routing.to_dict(), indent=2) + "\n").encode())
     return path
 
 

@@ -9,7 +9,8 @@ oracle's is reward hacking, measured rather than guessed.
 
 Every method goes through the toolkit's public entry points: the reward-gradient methods
 through :func:`imgalign.train.run.train` (the same code as ``imgalign train``),
-combined generation through :func:`imgalign.sampling.run_sampler`, best-of-N through
+combined generation and the test-time search samplers (noise search, search over paths,
+speculative rejection) through :func:`imgalign.sampling.run_sampler`, best-of-N through
 :func:`imgalign.sampling.best_of_n_candidates` (which also gives the best-of-N curve).
 
 Why the default is best-of-N under the learned verifier and not a reward-gradient method:
@@ -77,11 +78,38 @@ COMMON = {
 TPO_SEGMENTS = [{"reward": "shapes-oracle", "reward_options": {"aspect": "appearance"}},
                 {"reward": "shapes-oracle", "reward_options": {"aspect": "layout"}}]  # fmt: skip
 
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# GRPO as recipes/shapes_oracle_grpo.yaml: the oracle as a rule-based reward (as GenEval's detector
+# is for Flow-GRPO), a 4-step SDE window early in the chain, 3 of its steps trained.
+GRPO_OVERRIDES = {
+    "reward": "shapes-oracle",
+    "lora": {"rank": 16, "alpha": 32},
+    "train": {"batch_size": 2},
+    "grpo": {"group_size": 8, "train_batch_size": 8, "window": 4, "window_range": [0, 2], "timestep_fraction": 0.75,
+             "beta": 0.01},
+}
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
         Algorithm("best-of-n", "best of 8 samples under the learned reward (no training)", None,
                   sampler="best-of-n", sampler_options={"n": 8}),
+        # Test-time search at about best-of-8's budget (80 function evaluations per image at 10 steps).
+        Algorithm("noise-search", "Smart-GRPO's noise search (arXiv:2510.02654) under the learned reward: 4 rounds of "
+                  "16 one-step-decoded noises refit a Gaussian, then one sample from the best noise (74 NFE at 10 "
+                  "steps; no training)", None, sampler="noise-search", sampler_options={"n": 16, "search": {"rounds": 4}}),
+        Algorithm("path-search", "search over paths (Ma et al. 2025) under the learned reward: 3 paths, each "
+                  "re-noised into 2 branches per round, the 3 best kept (72 NFE at 10 steps; no training)", None,
+                  sampler="path-search", sampler_options={"n": 3, "search": {"branches": 2}}),
+        Algorithm("speculative", "speculative rejection under the learned reward: 14 candidates, the worst half "
+                  "dropped by their x0 estimates' reward before steps T/3 and 2T/3 (79 NFE at 10 steps; no training)",
+                  None, sampler="speculative", sampler_options={"n": 14}),
         Algorithm("draft", "DRaFT-K (Clark et al. 2024): backprop through the last K sampling steps", "draft",
                   {"draft": {"k": 4}}),
         Algorithm("refl", "ReFL (Xu et al. 2023): one gradient step from a random late step to x0", "refl",
@@ -97,9 +125,13 @@ ALGORITHMS: dict[str, Algorithm] = {
                   "tpo", {"reward": "shapes-oracle", "data": {"source": "on_policy"},
                           "tpo": {"beta": 1000.0, "candidates": 4, "per_segment": TPO_SEGMENTS}},
                   sampler="segments"),
+        Algorithm("grpo", "GRPO (Flow-GRPO 2025): PPO-clip over SDE rollouts, 2 prompts x 8 images per step, the "
+                  "oracle as a rule-based reward (recipes/shapes_oracle_grpo.yaml)", "grpo", GRPO_OVERRIDES),
+        Algorithm("smart-grpo", "Smart-GRPO (2025): GRPO whose rollouts start from each prompt's searched noise "
+                  "distribution (2 rounds of 8 one-step decodes)", "smart-grpo",
+                  _merge(GRPO_OVERRIDES, {"search": {"rounds": 2, "candidates": 8, "keep": 2}})),
     )
 }  # fmt: skip
-NOT_AVAILABLE = ("grpo", "smart-grpo", "noise-search", "speculative")
 # Edit alignment: the Shapes edit model, the learned edit reward, judged by the oracle's edit judgement.
 EDIT_ALGORITHM = Algorithm(
     "edit-refl", "ReFL on the Shapes edit model with the learned edit reward (source images + instructions)", "refl",
@@ -110,26 +142,16 @@ DEFAULT_ALGORITHM = "best-of-n"
 
 
 def algorithm_names() -> tuple[str, ...]:
-    return (*ALGORITHMS, EDIT_ALGORITHM.name, *NOT_AVAILABLE, "compare")
+    return (*ALGORITHMS, EDIT_ALGORITHM.name, "compare")
 
 
 def check_algorithm(name: str) -> Algorithm:
-    """The method, or a one-line ValueError (unknown, or not available yet)."""
+    """The method, or a one-line ValueError."""
     if name in ALGORITHMS:
         return ALGORITHMS[name]
     if name == EDIT_ALGORITHM.name:
         return EDIT_ALGORITHM
-    if name in NOT_AVAILABLE:
-        available = ", ".join((*ALGORITHMS, EDIT_ALGORITHM.name, "compare"))
-        raise ValueError(f"--algo {name}: not available yet in imgalign; available: {available}")
     raise ValueError(f"unknown --algo {name!r}; choose one of {', '.join(algorithm_names())}")
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[str]:
@@ -184,6 +206,7 @@ class DemoRun:
     seconds: float
     config_path: Path | None = None
     best_of_n: dict[str, list[float]] | None = None  # best_of_n_curve() for the best-of-N sampler
+    nfe_per_image: float | None = None  # function evaluations spent per evaluated image (imgalign.sampling.search)
 
 
 def best_of_n_curve(candidates: torch.Tensor, scores: torch.Tensor, prompts: Sequence[str]) -> dict[str, list[float]]:
@@ -317,7 +340,14 @@ def run_demo(
     from ..evaluation import evaluate, paired_gain
     from ..images import save_grid
     from ..prompt_sets import prompt_set
-    from ..sampling import best_candidates, best_of_n_candidates, load_routing, load_segment_loras, run_sampler
+    from ..sampling import (
+        REWARD_SAMPLERS,
+        best_candidates,
+        best_of_n_candidates,
+        load_routing,
+        load_segment_loras,
+        run_sampler,
+    )
     from ..train.run import train
 
     if algo == EDIT_ALGORITHM.name:
@@ -336,13 +366,18 @@ def run_demo(
               **{name: rewards.load(name) for name in OTHER_REWARDS if name != train_reward.info.name}}  # fmt: skip
     sampling = {"num_steps": sample_steps, "guidance_scale": 3.0}
 
-    def evaluate_with(adapter, sampler: str, options: dict, kept: list | None = None):
+    def evaluate_with(adapter, sampler: str, options: dict, kept: list | None = None, spent: list | None = None):
         def sample(batch_prompts, generators):
             if sampler == "best-of-n":  # keep every candidate: the best-of-N curve comes from the same draws
                 candidates, scores = best_of_n_candidates(adapter, batch_prompts, generator=generators, **options, **sampling)
                 kept.append((candidates, scores, batch_prompts))
+                spent.extend([options["n"] * sample_steps] * len(batch_prompts))
                 return best_candidates(candidates, scores)
-            return run_sampler(sampler, adapter, batch_prompts, generator=generators, **options, **sampling)
+            out = run_sampler(sampler, adapter, batch_prompts, generator=generators, return_output=True, **options,
+                              **sampling)  # fmt: skip
+            if spent is not None:
+                spent.extend(out.nfe)
+            return out.images
 
         return evaluate(sample, prompts, judges, images_per_prompt=images_per_prompt, seed=seed, progress=False)
 
@@ -371,16 +406,16 @@ def run_demo(
                 pipelines.load_lora(adapter, result.weights_dir)
         else:
             log(f"{name}: {method.summary}")
-        options, kept = dict(method.sampler_options), []
-        if method.sampler == "best-of-n":
+        options, kept, spent = dict(method.sampler_options), [], []
+        if method.sampler in REWARD_SAMPLERS:
             options["reward"] = train_reward
-        after = evaluate_with(adapter, method.sampler, options, kept)
+        after = evaluate_with(adapter, method.sampler, options, kept, spent)
         curve = None
         if kept:
             curve = best_of_n_curve(torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]),
                                     [p for k in kept for p in k[2]])  # fmt: skip
         save_grid(after.images[:64], out / f"after_{name}.png", ncols=8)
-        runs.append(DemoRun(name, after, history, time.time() - t0, config_path, curve))
+        runs.append(DemoRun(name, after, history, time.time() - t0, config_path, curve, sum(spent) / len(spent)))
     columns = {run.algo: {**gains(before, run.after, ORACLE_METRICS, list(judges)),
                           "diversity": paired_gain(before.diversity, run.after.diversity)} for run in runs}  # fmt: skip
     plot_reward_curves(runs, out / "reward_curve.png", label=train_reward.info.name)
@@ -393,7 +428,7 @@ def run_demo(
         "methods": {run.algo: {"summary": ALGORITHMS[run.algo].summary, "gains": columns[run.algo],
                                "after": run.after.summary(), "seconds": round(run.seconds, 1),
                                "reward_curve": [h for h in run.history if "reward_mean" in h],
-                               "best_of_n_curve": run.best_of_n,
+                               "best_of_n_curve": run.best_of_n, "nfe_per_image": run.nfe_per_image,
                                "config": str(run.config_path) if run.config_path else None}
                     for run in runs},
         "seconds": round(time.time() - start, 1),

@@ -24,6 +24,7 @@ import json
 import random
 import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..io import ordinary_permissions
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -46,6 +49,20 @@ class TrainerState:
     samples_seen: int = 0  # over all processes
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
+    run_id: str = ""  # which run wrote the checkpoint: rotation prunes only the current run's ("" = unknown)
+
+
+def new_run_id() -> str:
+    """A fresh run's identity (kept by every checkpoint it writes, and by a resume)."""
+    return uuid.uuid4().hex[:12]
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The ``run_id`` a checkpoint was written by (None when unreadable or not recorded)."""
+    try:
+        return json.loads((path / "trainer_state.json").read_text()).get("run_id") or None
+    except (OSError, ValueError):
+        return None
 
 
 def checkpoint_name(step: int) -> str:
@@ -176,21 +193,40 @@ class CheckpointManager:
         (tmp / f"rng-{self.process_index}.json").write_text(json.dumps(rng_state()))
         self.barrier()
         if self.is_main:
+            ordinary_permissions(tmp)  # safetensors writes 0600 files whatever the umask
             if final.exists():  # re-saving the same step (e.g. the final step): replace it
                 shutil.rmtree(final)
             tmp.rename(final)
-            self._rotate()
+            self._rotate(state.run_id)
         self.barrier()
         return final
 
-    def _rotate(self) -> None:
+    def _rotate(self, run_id: str = "") -> None:
+        """Remove the oldest of *this run's* checkpoints beyond ``total_limit`` (never another run's)."""
         if not self.total_limit or self.total_limit < 1:
             return
-        found = list_checkpoints(self.directory)
+        found = [p for p in list_checkpoints(self.directory) if checkpoint_run_id(p) == (run_id or None)]
         for old in found[: max(0, len(found) - self.total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(
+    def load(self, path: str | Path, **parts: Any) -> TrainerState:
+        """Restore everything saved by :meth:`save` into the live objects; return the counters.
+
+        A checkpoint that does not read (a truncated or corrupt file) is a one-line
+        ``ValueError`` naming it and the way out, not the decoder's traceback.
+        """
+        try:
+            return self._load(path, **parts)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - SafetensorError, RuntimeError (torch zip), EOFError, UnpicklingError
+            if isinstance(err, ValueError) and str(path) in str(err):
+                raise  # ours already: names the checkpoint and what does not match
+            message = " ".join(str(err).split())[:160] or type(err).__name__
+            raise ValueError(f"checkpoint {path} does not load ({type(err).__name__}: {message}); resume from an "
+                             "earlier checkpoint (--resume DIR) or start over (--overwrite)") from err  # fmt: skip
+
+    def _load(
         self,
         path: str | Path,
         *,
@@ -201,7 +237,6 @@ class CheckpointManager:
         extra_modules: dict[str, torch.nn.Module] | None = None,
         scaler: Any | None = None,
     ) -> TrainerState:
-        """Restore everything saved by :meth:`save` into the live objects; return the counters."""
         path = Path(path)
         saved = load_file(path / "trainable.safetensors")
         missing = sorted(set(trainable) - set(saved))
@@ -237,6 +272,14 @@ class CheckpointManager:
         if rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))
         return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+    @staticmethod
+    def load_extra(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors saved in ``extra.safetensors`` under ``prefix.`` (prefix removed); empty if none."""
+        file = Path(path) / "extra.safetensors"
+        if not file.is_file():
+            return {}
+        return {k[len(prefix) + 1 :]: v for k, v in load_file(file).items() if k.startswith(prefix + ".")}
 
 
 __all__ = ["CheckpointManager", "TrainerState", "checkpoint_name", "list_checkpoints", "resolve_resume"]

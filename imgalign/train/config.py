@@ -303,11 +303,37 @@ def _is_leaf_mapping(key: str) -> bool:
     return key in _LEAF_MAPPINGS
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+#: The shipped recipes (``recipes/`` of the source tree, present in a clone or an editable install).
+SHIPPED_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe path as given, else the shipped recipe it names (``recipes/x.yaml`` or ``x.yaml`` or ``x``).
+
+    So the README's ``--config recipes/shapes_verifier_dpo.yaml`` works from any working directory.
+    """
     path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    name = path.name if path.parent in (Path("."), Path("recipes")) else None
+    for candidate in ([SHIPPED_RECIPES / name, SHIPPED_RECIPES / f"{name}.yaml"] if name else []):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = resolve_recipe(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # one line: where and what, not the scanner's multi-line report
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (a YAML recipe is expected)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping at the top level")
     return data

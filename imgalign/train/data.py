@@ -104,8 +104,10 @@ def load_resized(path: Path, height: int, width: int) -> torch.Tensor:
     """An image as float [3,H,W] in [0,1], resized (shorter side) and center-cropped."""
     from PIL import Image
 
+    import rewards
+
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = rewards.images.to_rgb(image, str(path))  # every PIL mode (16-bit, palette, alpha, EXIF)
         scale = max(height / image.height, width / image.width)
         size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)

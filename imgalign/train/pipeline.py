@@ -188,7 +188,7 @@ def sample_images(trainee: PipelineTrainee, batch: Batch, generators: list[torch
     was_training = denoiser.training
     denoiser.eval()
     with torch.no_grad():
-        cond = encode(adapter, cfg, batch.prompts, batch.images)
+        cond = trainee.encode(batch.prompts, batch.images)  # through the trainee: a method may change guidance
         sched = adapter.schedule(cfg.sampling.num_steps, height=trainee.height, width=trainee.width)
         x = adapter.prepare_latents(len(batch.prompts), trainee.height, trainee.width, generator=generators)
         for i in range(len(sched)):

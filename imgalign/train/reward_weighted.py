@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..losses.policy_gradient import group_advantages
 from ..losses.preference import reward_weighted_loss
 from .config import PipelineTrainingConfig
 from .data import Batch, ImageCaptionData, StepIndexedSampler, read_image_folder
@@ -221,12 +222,6 @@ def offline_step(trainee: RwrTrainee, micro: MicroStep) -> StepLoss:
                     rewards=None if w.scores is None else w.scores[idx])  # fmt: skip
 
 
-def group_advantages(scores: torch.Tensor, clip: float) -> torch.Tensor:
-    """``(r - mean) / (std + 1e-4)`` within each prompt's group (rows of ``scores``), clipped to ``[-clip, clip]``."""
-    mean, std = scores.mean(1, keepdim=True), scores.std(1, unbiased=False, keepdim=True)
-    return ((scores - mean) / (std + 1e-4)).clamp(-clip, clip)
-
-
 def awm_step(trainee: RwrTrainee, micro: MicroStep) -> StepLoss:
     """Advantage-weighted matching: on-policy samples, the denoising loss weighted by group advantages."""
     r = trainee.cfg.rwr
@@ -256,5 +251,4 @@ def rwr_step(trainee: RwrTrainee, micro: MicroStep) -> StepLoss:
 
 RWR = Method("rwr", RwrTrainingConfig, setup=setup, step=rwr_step, check=check_config)
 
-__all__ = ["RWR", "RwrConfig", "RwrDataConfig", "RwrTrainee", "RwrTrainingConfig", "awm_step", "group_advantages",
-           "offline_step", "rwr_step"]  # fmt: skip
+__all__ = ["RWR", "RwrConfig", "RwrDataConfig", "RwrTrainee", "RwrTrainingConfig", "awm_step", "offline_step", "rwr_step"]  # fmt: skip

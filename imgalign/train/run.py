@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ..images import save_grid
-from .checkpoint import CheckpointManager, TrainerState, resolve_resume
+from ..io import ordinary_permissions
+from .checkpoint import CheckpointManager, TrainerState, new_run_id, resolve_resume
 from .config import TrainingConfig, to_dict, to_yaml
 from .loop import (
     GradientStep,
@@ -42,7 +43,12 @@ from .loop import (
     step_generators,
     step_rng,
 )
-from .registry import get_method
+from .model_card import metrics_for_card, write_model_card
+from .output_dir import check_output_dir, check_resume_config, clear_output_dir
+from .registry import available_methods, get_method
+
+
+TRAINEE_STATE = "trainee"  # the prefix of Trainee.state_tensors() in a checkpoint's extra.safetensors
 
 
 # ============================================================================ what a method sees
@@ -120,6 +126,15 @@ class Trainee:
         """Modules whose buffers change while training (a composite reward's running statistics)."""
         return {}
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Method state that is neither weights nor optimizer (a rollout buffer shared by several
+        optimizer steps, an old policy's weights): saved in every checkpoint so a resumed run
+        continues exactly."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned (called on resume, after the weights are loaded)."""
+
 
 @dataclass
 class TrainResult:
@@ -144,8 +159,13 @@ def ema_weights(ema: Any | None, params: list[torch.nn.Parameter]):
 
 
 # ============================================================================ the skeleton
-def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: int | None = None) -> TrainResult:
+def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: int | None = None,
+          overwrite: bool = False) -> TrainResult:
     """Run the registered method ``cfg.method`` with ``cfg``. ``resume``: ``"latest"`` or a checkpoint directory.
+
+    A non-empty ``output_dir`` is refused unless ``resume`` is given (the config must then
+    match the resumed run's, but for :data:`~imgalign.train.output_dir.SAFE_TO_CHANGE_ON_RESUME`)
+    or ``overwrite`` (the previous run's files are removed first); see :mod:`imgalign.train.output_dir`.
 
     ``stop_after_steps`` ends this invocation after that many optimizer steps in total
     (saving a checkpoint), as a preemptible job would; the schedules still target
@@ -158,7 +178,14 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     if loop.gradient_accumulation_steps < 1 or loop.batch_size < 1 or loop.max_steps < 1:
         raise ValueError("train.max_steps, train.batch_size and train.gradient_accumulation_steps must be >= 1")
     out_dir = Path(cfg.output_dir)
+    check_output_dir(out_dir, resume=resume, overwrite=overwrite)  # read-only, on every process
+    resume_from = resolve_resume(resume, out_dir / "checkpoints")
+    if resume is not None:  # the same run, or refuse: before any model loads or config.yaml is replaced
+        check_resume_config(resume_from or out_dir, out_dir, to_dict(cfg))
     accelerator = build_accelerator(loop, out_dir)
+    if overwrite and accelerator.is_main_process:
+        clear_output_dir(out_dir)
+    accelerator.wait_for_everyone()
     device, rank = accelerator.device, accelerator.process_index
 
     # ------------------------------------------------------------------ setup
@@ -186,18 +213,18 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
                                     process_index=rank, is_main=accelerator.is_main_process,
                                     barrier=accelerator.wait_for_everyone)  # fmt: skip
     config_yaml = to_yaml(cfg)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(config_yaml)
-    state = TrainerState()
-    resume_from = resolve_resume(resume, out_dir / "checkpoints")
+    state = TrainerState(run_id=new_run_id())  # a resume takes the checkpoint's run_id
     moving = trainee.moving_state()
     if resume_from is not None:
         state = checkpoints.load(resume_from, trainable=named_params, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                  ema=ema, extra_modules=moving, scaler=scaler)  # fmt: skip
+        trainee.load_state_tensors(checkpoints.load_extra(resume_from, TRAINEE_STATE))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     elif resume == "latest":
         accelerator.print("no checkpoint to resume from: starting a new run")
+    if accelerator.is_main_process:  # after a resume loaded: a checkpoint that fails leaves the directory as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(config_yaml)
 
     update = GradientStep(accelerator, params, optimizer, lr_scheduler, cfg.optim.max_grad_norm, ema)
     run_log = RunLogger(accelerator, out_dir, loop.max_steps, state.step, f"imgalign-{method.name}", to_dict(cfg))
@@ -220,6 +247,7 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     def save_checkpoint() -> Path:
         extra = {f"{prefix}.{name}": buf for prefix, module in moving.items()
                  for name, buf in module.named_buffers() if ".stats." in f".{name}"}  # fmt: skip
+        extra.update({f"{TRAINEE_STATE}.{name}": value for name, value in trainee.state_tensors().items()})
         return checkpoints.save(state, trainable=named_params, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                 ema=ema, extra=extra, config_yaml=config_yaml, scaler=scaler)  # fmt: skip
 
@@ -302,6 +330,11 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     if accelerator.is_main_process:
         with ema_weights(ema, params):
             weights_dir = trainee.save(out_dir)
+        if weights_dir is not None and Path(weights_dir).is_dir():
+            ordinary_permissions(weights_dir)  # safetensors writes 0600 files whatever the umask
+            write_model_card(weights_dir, config=to_dict(cfg), method=method.name,
+                             method_help=method.help or available_methods().get(method.name, ""),
+                             steps=state.step, metrics=metrics_for_card(history))  # fmt: skip
     accelerator.wait_for_everyone()
     run_log.close()
     return TrainResult(out_dir, state.step, weights_dir, history)

@@ -30,6 +30,15 @@ def test_version_does_not_import_torch():
     assert done.stdout.strip() == f"imgalign {__version__}"
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["train", "--help"], ["sample", "--help"],
+                                  ["eval", "--help"], ["sample", "--no-such-flag"]])  # fmt: skip
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    code = (f"import sys; from imgalign.cli import main\ntry:\n    rc = main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(0 if rc in (0, 2, None) else 1)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- bad values in sample / eval
 SAMPLE = ["sample", "--pipeline", "shapes", "--prompt", "a red circle"]
 EVAL = ["eval", "--pipeline", "shapes", "--prompt-set", "shapes-heldout", "--reward", "shapes-oracle"]

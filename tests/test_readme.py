@@ -57,7 +57,7 @@ COVERAGE = {
     "imgalign eval-reward --reward runs/reward/reward": ("slow", []),
     "imgalign demo --algo": ("parse", []),
     "imgalign demo --reward": ("parse", []),
-    "imgalign demo": ("slow", ["--num-prompts", "2", "--images-per-prompt", "1", "--sample-steps", "2"]),
+    "imgalign demo": ("parse", []),  # tests/test_shapes_demo.py runs the default demo, small
 }
 
 
@@ -162,4 +162,3 @@ def test_readme_shapes_training_commands_run_from_any_directory(tmp_path, monkey
     assert (tmp_path / "runs" / "shapes_verifier_dpo" / "lora" / "README.md").is_file()  # the model card
     assert (tmp_path / "runs" / "reward" / "reward" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "eval-reward" / "report.json").is_file()
-    assert (tmp_path / "runs" / "demo" / "report.md").is_file()

@@ -118,7 +118,7 @@ def test_shapes_recipe_runs_as_shipped(recipe, tmp_path, monkeypatch):
     method = load_yaml(path)["method"]
     overrides = [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2", "sampling.num_steps=6",
                  "validation.num_images=2"]  # fmt: skip
-    if method == "nft":  # 8 images per prompt, each trained at 9 times: shrunk to a small rollout
+    if method == "nft":  # 8 images per prompt in chunks of 16: shrunk to a small rollout
         overrides += ["nft.group_size=4", "nft.train_batch_size=8"]
     result = train(load_method_config(method, path, overrides))
     assert result.step == 2 and result.weights_dir is not None and result.weights_dir.exists()

@@ -18,7 +18,7 @@ HELP = "Run the CPU demo: align the Shapes model with a learned reward, judged b
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..shapes.demo import DEFAULT_ALGORITHM, algorithm_names
+    from ..shapes.algorithms import DEFAULT_ALGORITHM, algorithm_names
 
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")

@@ -241,5 +241,5 @@ def test_grpo_config_errors_are_one_line(sd15_dir, capsys):
         "grpo.clip_range=nan": "grpo.clip_range must be a positive number",
         "grpo.beta=-1": "grpo.beta must be >= 0",
         "grpo.train_batch_size=3": "must divide the rollout's",
-        "train.gradient_accumulation_steps=7": "GRPO sets train.gradient_accumulation_steps",
+        "train.gradient_accumulation_steps=7": "grpo sets train.gradient_accumulation_steps",
     }, capsys)  # fmt: skip

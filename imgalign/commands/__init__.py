@@ -22,8 +22,11 @@ class CommandError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
-def one_line(err: BaseException | str, limit: int = 300) -> str:
-    """An exception's message on one line (whitespace collapsed), shortened to ``limit`` characters."""
+def one_line(err: BaseException | str, limit: int = 2000) -> str:
+    """An exception's message on one line (whitespace collapsed), shortened to ``limit`` characters.
+
+    The default keeps whole lists (every bad row of a pairs file) and only stops a runaway message.
+    """
     text = " ".join(str(err).split()) or (type(err).__name__ if isinstance(err, BaseException) else "")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

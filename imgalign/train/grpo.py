@@ -48,12 +48,13 @@ import torch
 
 import pipelines
 
-from ..losses.policy_gradient import group_advantages, ppo_clip_loss, step_mean_kl
+from ..losses.policy_gradient import ppo_clip_loss, step_mean_kl
 from .config import PipelineTrainingConfig
 from .loop import step_generators, step_rng
 from .pipeline import check_pipeline, score, setup_pipeline
 from .preference import PreferenceTrainee, add_frozen_reference, reference_denoiser
 from .registry import Method
+from .rollouts import rollout_advantages, rollout_micro_steps
 from .run import MicroStep, Run, StepLoss
 
 DEFAULT_NOISE_LEVEL = {"sde": 0.7, "cps": 0.8, "ddim": 1.0}  # Flow-GRPO's a (SDE 0.7, CPS 0.8); DDPO's eta 1
@@ -142,21 +143,8 @@ def check_config(cfg: GrpoTrainingConfig) -> None:
         raise ValueError(f"grpo.beta must be >= 0, got {g.beta}")
     if g.noise_level is not None and not (math.isfinite(g.noise_level) and g.noise_level > 0):
         raise ValueError(f"grpo.noise_level must be a positive number, got {g.noise_level}")
-    images = cfg.train.batch_size * g.group_size
-    chunk = g.train_batch_size or g.group_size
-    if chunk < 1 or images % chunk:
-        raise ValueError(f"grpo.train_batch_size={chunk} must divide the rollout's train.batch_size x grpo.group_size "
-                         f"= {images} images")  # fmt: skip
-    chunks = images // chunk
-    if g.updates_per_rollout < 1 or chunks % g.updates_per_rollout:
-        raise ValueError(f"grpo.updates_per_rollout={g.updates_per_rollout} must divide the rollout's {chunks} chunks "
-                         f"of grpo.train_batch_size={chunk} images")  # fmt: skip
-    micro_steps = chunks // g.updates_per_rollout * trained_steps_per_rollout(cfg)
-    accum = cfg.train.gradient_accumulation_steps
-    if accum not in (1, micro_steps):
-        raise ValueError(f"GRPO sets train.gradient_accumulation_steps to the micro-steps of one update ({micro_steps}: "
-                         f"chunks x trained steps); remove the override (got {accum})")  # fmt: skip
-    cfg.train.gradient_accumulation_steps = micro_steps
+    rollout_micro_steps(cfg, "grpo", group_size=g.group_size, train_batch_size=g.train_batch_size,
+                        updates_per_rollout=g.updates_per_rollout, per_chunk=trained_steps_per_rollout(cfg))  # fmt: skip
     if isinstance(cfg, SmartGrpoTrainingConfig):
         s = cfg.search
         if s.rounds < 1 or s.candidates < 2 or not 1 <= s.keep <= s.candidates:
@@ -307,19 +295,9 @@ def rollout(trainee: GrpoTrainee, step: int, process_index: int) -> Rollout:
         images = torch.cat(images)
         scores = score(trainee.reward, images, prompts, sources).float().cpu()
     denoiser.train(was_training)
-    advantages = rollout_advantages(trainee, scores.view(-1, G)).flatten()
+    advantages = rollout_advantages(scores.view(-1, G), trainee.context, clip=g.advantage_clip, std=g.advantage_std).flatten()
     metrics.update(nfe_rollout=float(n * len(sched)), zero_spread_groups=float((scores.view(-1, G).std(1) == 0).float().mean()))
     return Rollout(step, prompts, sources, latents, log_probs, scores, advantages, trained, metrics)
-
-
-def rollout_advantages(trainee: GrpoTrainee, scores: torch.Tensor) -> torch.Tensor:
-    """Group advantages; with ``advantage_std=global`` the std is over every process's rollout."""
-    g, run = trainee.cfg.grpo, trainee.context
-    if g.advantage_std == "global" and run is not None and run.num_processes > 1:
-        everything = run.accelerator.gather(scores.to(run.device)).cpu()
-        spread = everything.std(unbiased=False)
-        return ((scores - scores.mean(1, keepdim=True)) / (spread + 1e-4)).clamp(-g.advantage_clip, g.advantage_clip)
-    return group_advantages(scores, g.advantage_clip, std=g.advantage_std)
 
 
 # ============================================================================ the step
@@ -391,5 +369,4 @@ GRPO = Method("grpo", GrpoTrainingConfig, setup=setup, step=grpo_step, check=che
 SMART_GRPO = Method("smart-grpo", SmartGrpoTrainingConfig, setup=setup, step=grpo_step, check=check_config)
 
 __all__ = ["GRPO", "SMART_GRPO", "GrpoConfig", "GrpoTrainee", "GrpoTrainingConfig", "NoiseSearchConfig", "Rollout",
-           "SmartGrpoTrainingConfig", "function_evaluations", "grpo_step", "rollout", "rollout_advantages",
-           "rollout_window"]  # fmt: skip
+           "SmartGrpoTrainingConfig", "function_evaluations", "grpo_step", "rollout", "rollout_window"]  # fmt: skip

@@ -65,7 +65,6 @@ import torch
 from pipelines import Conditioning
 
 from ..losses.nft import ADVANTAGE_MODES, nft_loss, optimality_probability
-from ..losses.policy_gradient import group_advantages
 from .config import PipelineTrainingConfig
 from .data import Batch
 from .forward_process import noise_to_step, target_at_step
@@ -73,6 +72,7 @@ from .loop import randn_like_per_image, step_generators, step_rng
 from .pipeline import check_pipeline, sample_images, score, setup_pipeline
 from .preference import PreferenceTrainee, add_frozen_reference, reference_denoiser
 from .registry import Method
+from .rollouts import rollout_advantages, rollout_micro_steps
 from .run import MicroStep, Run, StepLoss
 
 
@@ -140,21 +140,8 @@ def check_config(cfg: NftTrainingConfig) -> None:
                          f"{n.old_decay_rate}")  # fmt: skip
     if not 0 <= n.old_decay_max <= 1:
         raise ValueError(f"nft.old_decay_max must be in [0, 1], got {n.old_decay_max}")
-    images = cfg.train.batch_size * n.group_size
-    chunk = n.train_batch_size or n.group_size
-    if chunk < 1 or images % chunk:
-        raise ValueError(f"nft.train_batch_size={chunk} must divide the rollout's train.batch_size x nft.group_size "
-                         f"= {images} images")  # fmt: skip
-    chunks = images // chunk
-    if n.updates_per_rollout < 1 or chunks % n.updates_per_rollout:
-        raise ValueError(f"nft.updates_per_rollout={n.updates_per_rollout} must divide the rollout's {chunks} chunks "
-                         f"of nft.train_batch_size={chunk} images")  # fmt: skip
-    micro_steps = chunks // n.updates_per_rollout * times_per_chunk(cfg)
-    accum = cfg.train.gradient_accumulation_steps
-    if accum not in (1, micro_steps):
-        raise ValueError(f"nft sets train.gradient_accumulation_steps to the micro-steps of one update ({micro_steps}: "
-                         f"chunks x times); remove the override (got {accum})")  # fmt: skip
-    cfg.train.gradient_accumulation_steps = micro_steps
+    rollout_micro_steps(cfg, "nft", group_size=n.group_size, train_batch_size=n.train_batch_size,
+                        updates_per_rollout=n.updates_per_rollout, per_chunk=times_per_chunk(cfg))  # fmt: skip
 
 
 # ============================================================================ setup
@@ -303,25 +290,14 @@ def rollout(trainee: NftTrainee, index: int, process_index: int) -> NftRollout:
                 scores.append(score(trainee.reward, images, prompts[rows], src).float().cpu())
             latents.append(x.detach().cpu())
     values = torch.cat(scores)
-    advantages = rollout_advantages(trainee, values.view(-1, G)).flatten()
+    advantages = rollout_advantages(values.view(-1, G), trainee.run, clip=None,  # optimality_probability clips
+                                    std="global" if trainee.cfg.nft.global_std else "group").flatten()
     r = optimality_probability(advantages, nft.advantage_clip, nft.advantage_mode)
     rng = step_rng(seed, index, process_index, "nft-times")
     times = [rng.sample(range(cfg.sampling.num_steps), times_per_chunk(cfg)) for _ in range(n // chunk)]
     out = NftRollout(index, prompts, sources, torch.cat(latents), values, r, times)
     out.metrics = rollout_metrics(trainee, values, advantages)
     return out
-
-
-def rollout_advantages(trainee: NftTrainee, scores: torch.Tensor) -> torch.Tensor:
-    """``(R - mean of the group) / (std + 1e-4)`` (not clipped: :func:`optimality_probability` clips).
-
-    With ``global_std`` the std is over every process's rollout (their ``gather_tensor_to_all``).
-    """
-    run = trainee.run
-    if trainee.cfg.nft.global_std and run is not None and run.num_processes > 1:
-        everything = run.accelerator.gather(scores.to(run.device)).cpu()
-        return (scores - scores.mean(1, keepdim=True)) / (everything.std(unbiased=False) + 1e-4)
-    return group_advantages(scores, None, std="global" if trainee.cfg.nft.global_std else "group")
 
 
 def rollout_metrics(trainee: NftTrainee, scores: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
@@ -394,5 +370,5 @@ NFT = Method("nft", NftTrainingConfig, setup=setup, step=nft_step, check=check_c
              help="DiffusionNFT (Zheng et al. 2025): positive/negative flow matching on old-policy samples, any solver")
 
 __all__ = ["NFT", "NftConfig", "NftRollout", "NftTrainee", "NftTrainingConfig", "chunks_per_rollout", "check_config",
-           "nft_step", "old_policy", "old_policy_decay", "rollout", "rollout_advantages", "setup", "times_per_chunk",
+           "nft_step", "old_policy", "old_policy_decay", "rollout", "setup", "times_per_chunk",
            "update_old_policy"]  # fmt: skip

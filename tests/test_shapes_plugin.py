@@ -191,7 +191,7 @@ TIERS = {
     "__init__": WORLD, "world": WORLD, "oracle": WORLD,
     "t2i": MODELS, "edit": MODELS, "clip": MODELS, "verifier": MODELS, "preference": MODELS,
     "edit_reward": MODELS, "rewards": MODELS, "manifest": MODELS,
-    "build": APPLICATIONS, "demo": APPLICATIONS,
+    "build": APPLICATIONS, "demo": APPLICATIONS, "algorithms": APPLICATIONS,
 }  # fmt: skip
 WORLD_DEPENDENCIES = {"numpy", "scipy"}
 

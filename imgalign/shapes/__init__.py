@@ -12,8 +12,8 @@ the demo):
 * the models -- ``t2i`` (the text-to-image model and the pipeline loader), ``edit``, ``clip``
   (ShapesCLIP), ``verifier``, ``preference``, ``edit_reward``, ``rewards`` (the oracle as a
   reward) and ``manifest`` (the shipped weights).
-* the applications -- ``build`` (regenerates the shipped weights) and ``demo`` (the CPU demo
-  and its reports).
+* the applications -- ``build`` (regenerates the shipped weights), ``demo`` (the CPU demo
+  and its reports) and ``algorithms`` (the demo's methods table, readable without torch).
 
 Nothing here registers itself on import: the rewards (``shapes-oracle``, ``shapes-verifier``,
 ...) and pipelines (``shapes``, ``shapes-edit``) reach ``rewards.load`` and ``pipelines.load``

@@ -22,7 +22,8 @@ from imgalign.sampling import (
     search_noise,
     speculative_sample,
 )
-from imgalign.sampling.search import _renoise, path_plan
+from imgalign.sampling.search import path_plan
+from imgalign.sampling.search.paths import _renoise
 from pipelines import Schedule
 from pipelines.architectures import build_pipeline
 

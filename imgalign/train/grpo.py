@@ -54,7 +54,7 @@ from .loop import step_generators, step_rng
 from .pipeline import check_pipeline, score, setup_pipeline
 from .preference import PreferenceTrainee, add_frozen_reference, reference_denoiser
 from .registry import Method
-from .rollouts import rollout_advantages, rollout_micro_steps
+from .rollouts import RolloutLayout, rollout_advantages, rollout_layout
 from .run import MicroStep, Run, StepLoss
 
 DEFAULT_NOISE_LEVEL = {"sde": 0.7, "cps": 0.8, "ddim": 1.0}  # Flow-GRPO's a (SDE 0.7, CPS 0.8); DDPO's eta 1
@@ -111,10 +111,11 @@ def trained_steps_per_rollout(cfg: GrpoTrainingConfig) -> int:
     return max(1, round(g.timestep_fraction * window))
 
 
-def chunks_per_rollout(cfg: GrpoTrainingConfig) -> int:
+def layout(cfg: GrpoTrainingConfig) -> RolloutLayout:
+    """Chunks of ``grpo.train_batch_size`` images x the trained steps; sets the gradient accumulation."""
     g = cfg.grpo
-    images = cfg.train.batch_size * g.group_size
-    return images // (g.train_batch_size or g.group_size)
+    return rollout_layout(cfg, "grpo", group_size=g.group_size, train_batch_size=g.train_batch_size,
+                          updates_per_rollout=g.updates_per_rollout, per_chunk=trained_steps_per_rollout(cfg))
 
 
 def check_config(cfg: GrpoTrainingConfig) -> None:
@@ -143,8 +144,7 @@ def check_config(cfg: GrpoTrainingConfig) -> None:
         raise ValueError(f"grpo.beta must be >= 0, got {g.beta}")
     if g.noise_level is not None and not (math.isfinite(g.noise_level) and g.noise_level > 0):
         raise ValueError(f"grpo.noise_level must be a positive number, got {g.noise_level}")
-    rollout_micro_steps(cfg, "grpo", group_size=g.group_size, train_batch_size=g.train_batch_size,
-                        updates_per_rollout=g.updates_per_rollout, per_chunk=trained_steps_per_rollout(cfg))  # fmt: skip
+    layout(cfg)
     if isinstance(cfg, SmartGrpoTrainingConfig):
         s = cfg.search
         if s.rounds < 1 or s.candidates < 2 or not 1 <= s.keep <= s.candidates:
@@ -169,6 +169,7 @@ class Rollout:
     advantages: torch.Tensor  # [n]
     trained: list[int]  # the step indices the updates train, in order
     metrics: dict[str, float] = field(default_factory=dict)  # what the rollout cost and saw, logged with its updates
+    encoded: tuple[int, pipelines.Conditioning] | None = None  # the chunk being trained and its prompts' conditioning
 
 
 @dataclass
@@ -318,14 +319,13 @@ def grpo_step(trainee: GrpoTrainee, micro: MicroStep) -> StepLoss:
     r = trainee.rollout
     metrics = dict(r.metrics)
     # ---------------------------------------------------------------- which chunk and which step
-    chunk = g.train_batch_size or g.group_size
-    chunks_per_update = chunks_per_rollout(cfg) // g.updates_per_rollout
-    c = (micro.step - first_step) * chunks_per_update + m // len(r.trained)
-    i = r.trained[m % len(r.trained)]
-    rows = slice(c * chunk, (c + 1) * chunk)
+    c, k, rows = layout(cfg).locate(micro.step - first_step, m)
+    i = r.trained[k]
     sched = adapter.schedule(cfg.sampling.num_steps, height=trainee.height, width=trainee.width)
     x, x_next = r.latents[rows, i].to(adapter.device), r.latents[rows, i + 1].to(adapter.device)
-    cond = trainee.encode(r.prompts[rows], None if r.sources is None else r.sources[rows])
+    if r.encoded is None or r.encoded[0] != c:  # a chunk's trained steps are consecutive micro-steps: encode it once
+        r.encoded = (c, trainee.encode(r.prompts[rows], None if r.sources is None else r.sources[rows]))
+    cond = r.encoded[1]
     # ---------------------------------------------------------------- SCORE the stored transition under the policy
     step_kw = {"method": trainee.step_type, "noise_level": trainee.noise_level, "prev_sample": x_next}
     policy = adapter.step_with_logprob(adapter.predict(x, sched, i, cond), sched, i, x, **step_kw)

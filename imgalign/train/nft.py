@@ -72,7 +72,7 @@ from .loop import randn_like_per_image, step_generators, step_rng
 from .pipeline import check_pipeline, sample_images, score, setup_pipeline
 from .preference import PreferenceTrainee, add_frozen_reference, reference_denoiser
 from .registry import Method
-from .rollouts import rollout_advantages, rollout_micro_steps
+from .rollouts import RolloutLayout, rollout_advantages, rollout_layout
 from .run import MicroStep, Run, StepLoss
 
 
@@ -110,9 +110,11 @@ def times_per_chunk(cfg: NftTrainingConfig) -> int:
     return max(1, int(cfg.sampling.num_steps * cfg.nft.timestep_fraction))
 
 
-def chunks_per_rollout(cfg: NftTrainingConfig) -> int:
+def layout(cfg: NftTrainingConfig) -> RolloutLayout:
+    """Chunks of ``nft.train_batch_size`` images x T times; sets the gradient accumulation."""
     n = cfg.nft
-    return cfg.train.batch_size * n.group_size // (n.train_batch_size or n.group_size)
+    return rollout_layout(cfg, "nft", group_size=n.group_size, train_batch_size=n.train_batch_size,
+                          updates_per_rollout=n.updates_per_rollout, per_chunk=times_per_chunk(cfg))
 
 
 def check_config(cfg: NftTrainingConfig) -> None:
@@ -140,8 +142,7 @@ def check_config(cfg: NftTrainingConfig) -> None:
                          f"{n.old_decay_rate}")  # fmt: skip
     if not 0 <= n.old_decay_max <= 1:
         raise ValueError(f"nft.old_decay_max must be in [0, 1], got {n.old_decay_max}")
-    rollout_micro_steps(cfg, "nft", group_size=n.group_size, train_batch_size=n.train_batch_size,
-                        updates_per_rollout=n.updates_per_rollout, per_chunk=times_per_chunk(cfg))  # fmt: skip
+    layout(cfg)
 
 
 # ============================================================================ setup
@@ -327,10 +328,8 @@ def nft_step(trainee: NftTrainee, micro: MicroStep) -> StepLoss:
         rewards = trainee.rollout.scores
     ro = trainee.rollout
     # ---------------------------------------------------------------- which chunk, which time: the forward process
-    T, chunk = len(ro.times[0]), nft.train_batch_size or nft.group_size
-    c = (micro.step % U) * (chunks_per_rollout(cfg) // U) + m // T
-    i = ro.times[c][m % T]
-    rows = slice(c * chunk, (c + 1) * chunk)
+    c, k, rows = layout(cfg).locate(micro.step % U, m)
+    i = ro.times[c][k]
     sched = adapter.schedule(cfg.sampling.num_steps, height=trainee.height, width=trainee.width)
     x0 = ro.latents[rows].to(adapter.device)
     eps = randn_like_per_image(x0, micro.generators("nft-noise", len(x0))).to(x0.dtype)
@@ -369,6 +368,6 @@ def nft_step(trainee: NftTrainee, micro: MicroStep) -> StepLoss:
 NFT = Method("nft", NftTrainingConfig, setup=setup, step=nft_step, check=check_config,
              help="DiffusionNFT (Zheng et al. 2025): positive/negative flow matching on old-policy samples, any solver")
 
-__all__ = ["NFT", "NftConfig", "NftRollout", "NftTrainee", "NftTrainingConfig", "chunks_per_rollout", "check_config",
+__all__ = ["NFT", "NftConfig", "NftRollout", "NftTrainee", "NftTrainingConfig", "check_config",
            "nft_step", "old_policy", "old_policy_decay", "rollout", "setup", "times_per_chunk",
            "update_old_policy"]  # fmt: skip

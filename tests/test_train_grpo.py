@@ -140,6 +140,24 @@ def test_one_grpo_update_makes_high_advantage_transitions_likelier(tmp_path):
     assert weighted_change(1e-2) > 0 > weighted_change(-1e-2)
 
 
+
+def test_grpo_raises_the_brightness_of_the_shapes_model(tmp_path):
+    """Four GRPO steps on the shipped Shapes model (16x16, 4 SDE steps, no KL): the rollouts' reward and the
+    fixed-seed validation images get brighter. The reward is never differentiated."""
+    out = tmp_path / "bright"
+    args = ["train", "grpo", *_overrides("shapes", out, sampling__height=16, sampling__width=16, grpo__group_size=4,
+                                         sampling__guidance_scale=1.0, grpo__beta=0.0, train__max_steps=4, optim__lr=1e-2,
+                                         validation__num_images=4, validation__every=4,
+                                         lora__target_modules="[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_out]")]  # fmt: skip
+    assert main(args) == 0
+    metrics = _metrics(out)
+    before = next(m["val_reward_mean"] for m in metrics if m["step"] == 0)
+    after = [m["val_reward_mean"] for m in metrics if m["step"] == 4 and "val_reward_mean" in m][-1]
+    assert after > before + 0.15, (before, after)
+    rollouts = [m["reward_mean"] for m in metrics if "reward_mean" in m and "loss" in m]
+    assert len(rollouts) == 4 and rollouts[-1] > rollouts[0] + 0.1, rollouts
+    assert all(m["ratio_min"] == pytest.approx(1.0) == m["ratio_max"] for m in metrics if "loss" in m)  # on-policy
+
 def test_smart_grpo_starts_rollouts_from_the_searched_noise_and_counts_its_evaluations(sd3_dir, tmp_path):
     from imgalign.train import grpo
     from imgalign.train.grpo import function_evaluations

@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,logging,data]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,logging,data,notebooks]"
 	touch $@
 
 venv: $(VENV)/.installed

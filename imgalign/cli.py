@@ -23,7 +23,8 @@ from .commands import CommandError, one_line
 
 # Subcommands, in --help order; each is the module imgalign.commands.<name with "-" -> "_">,
 # which gives its own one-line HELP and imports its heavy dependencies inside run().
-COMMANDS = ("sample", "score", "eval", "demo", "train", "train-reward", "eval-reward", "filter", "shapes")
+COMMANDS = ("sample", "score", "eval", "demo", "train", "train-reward", "eval-reward", "filter", "serve-reward",
+            "shapes")
 
 # Errors that mean "the user's input is wrong", reported as one line with exit status 2
 # (besides these: out of memory, unusable devices, YAML and safetensors errors; see classify).

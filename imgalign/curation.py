@@ -10,6 +10,11 @@ Why it is built this way:
   (``imgalign filter ... --resume``) reads the parts, skips the indices already done and scores only the rest, so no item is scored
   twice and none is dropped, whatever moment the previous run was killed at. Tests stop a
   run at a known point with ``IMGALIGN_FILTER_FAIL_AFTER_PARTS=N`` (see :data:`FAULT_ENV`).
+* **A reward that went away stops the run, it does not fail the items.** When the reward
+  cannot be reached (``remote:http://...`` whose server died, after the client's bounded
+  retries) the batch in hand is not written and the run stops with one line; ``--resume``
+  against a running server scores what is left. Errors that belong to an item (its image,
+  a reward that refuses that input) are still recorded as that item's result.
 * **Data parallel.** Under ``accelerate launch`` each process takes every ``world``-th of the
   items still to do; the main process merges the parts once everyone is done. Selection
   happens only after the merge, so it does not depend on the number of processes.
@@ -120,8 +125,17 @@ def _load_item(record: dict, keys: dict, base_dir: Path, needs_source: bool):
     return image, cond
 
 
+#: A reward that cannot be reached (a reward server that went away, after the client's retries): not
+#: the items' fault, so the run stops with the batch unwritten and ``--resume`` scores it later.
+UNREACHABLE = (ConnectionError, TimeoutError)
+
+
 def _score_batch(reward, items: list[tuple[int, object, dict, str | None]]) -> dict[int, dict]:
-    """Score loaded items grouped by shape; a failing group is retried item by item."""
+    """Score loaded items grouped by shape; a failing group is retried item by item.
+
+    An unreachable reward (:data:`UNREACHABLE`) is raised instead: recording it as every item's
+    error would turn a server restart into a dataset of failures.
+    """
     import torch
 
     device = reward.device
@@ -148,10 +162,14 @@ def _score_batch(reward, items: list[tuple[int, object, dict, str | None]]) -> d
     for group in groups.values():
         try:
             run(group)
+        except UNREACHABLE:
+            raise
         except Exception:
             for item in group:  # find the item that fails; the rest still get scores
                 try:
                     run([item])
+                except UNREACHABLE:
+                    raise
                 except Exception as err:
                     out[item[0]] = {"error": f"{type(err).__name__}: {_one_line(err)}"}
     return out

@@ -105,7 +105,8 @@ def evaluate(
     for name, reward in rewards.items():
         with torch.no_grad():
             values = reward.score_batched(all_images, texts, batch_size=batch_size)
-            rows = reward.details(all_images, texts)  # over the whole set, so the summary covers every image
+            # over the whole set, so the summary covers every image; on the reward's device (--reward-device)
+            rows = reward.details(all_images.to(reward.device), texts)
         scores[name] = values.float().cpu().numpy().reshape(len(prompts), k)
         if rows is not None:
             details[f"{name}/attributes"] = reward.summarize_details(rows)
@@ -128,7 +129,7 @@ def score_images(rewards: dict[str, Any], images: torch.Tensor, texts: list[str]
     for name, reward in rewards.items():
         with torch.no_grad():
             scores[name] = [float(v) for v in reward.score_batched(images, texts, batch_size=batch_size).float().cpu()]
-            rows = reward.details(images, texts)
+            rows = reward.details(images.to(reward.device), texts)
         if rows is not None:
             details[name] = [{k: float(v) for k, v in row.items()} for row in rows]
     return scores, details

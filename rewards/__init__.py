@@ -7,6 +7,9 @@
 >>> both.score_components(images, prompts)           # {"hpsv2.1": ..., "clip": ..., "total": ...}
 
 ``rewards.register(name, factory)`` adds a reward; ``rewards.available()`` lists them.
+``rewards.load("remote:http://host:port")`` is a reward served by another process
+(``imgalign serve-reward``; the client and protocol in ``rewards.remote``, the server in
+``rewards.server``).
 Installed packages add theirs through the ``imgalign.rewards`` entry-point group (the Shapes
 rewards do), so ``rewards.load("shapes-verifier")`` needs no other import first.
 Preference losses are in ``rewards.preference``, metrics in ``rewards.evaluation``, dataset

@@ -15,7 +15,10 @@ An explicit ``register`` (and the built-in rewards) wins over an entry point of 
 * a path to a JSON description ``{"name": ..., "options": {...}}`` (or a directory holding
   ``reward.json``); relative paths (``"./..."``) anywhere inside ``options`` are resolved
   against its directory. ``imgalign train-reward`` writes such directories
-  (``{"name": "trained-reward", ...}`` + ``model.safetensors``).
+  (``{"name": "trained-reward", ...}`` + ``model.safetensors``);
+* a served reward, ``"remote:http://host:port"`` -> :class:`~rewards.remote.RemoteReward`
+  (``imgalign serve-reward`` serves one; options: its timeouts, retries and wire format). It can
+  be a member of a weighted spec, so its URL holds no ``,`` or ``=``.
 
 An option the reward does not take is a ``ValueError`` naming the reward and the options it
 does take (read from its factory's signature, following ``**options`` into the Reward class
@@ -39,6 +42,8 @@ from .base import Reward
 __all__ = ["ENTRY_POINT_GROUP", "available", "load", "parse_spec", "register"]
 
 ENTRY_POINT_GROUP = "imgalign.rewards"
+#: A served reward's spec starts with this (``remote:http://host:port``); see :mod:`rewards.remote`.
+REMOTE_PREFIX = "remote:"
 
 Factory = Callable[..., Reward]
 _REGISTRY: dict[str, Factory | str] = {}  # explicit registrations (built-ins included)
@@ -215,6 +220,19 @@ def _load_json(path: Path, options: dict) -> Reward:
     return load(desc["name"], **opts)
 
 
+def _load_remote(spec: str, options: dict) -> Reward:
+    """``remote:<url>``: the client of a served reward (imported only when one is asked for)."""
+    from .remote import RemoteReward
+
+    try:
+        return RemoteReward(spec, **options)
+    except TypeError as err:
+        bad = _rejected_option(err, options)
+        if bad is None:
+            raise
+        raise ValueError(_option_message(spec, bad, RemoteReward)) from err
+
+
 def load(name_or_path: str | Mapping[str, float], **options) -> Reward:
     """Build a reward from a name, a weighted spec, or a JSON description (see module doc)."""
     if isinstance(name_or_path, Mapping):
@@ -229,6 +247,8 @@ def load(name_or_path: str | Mapping[str, float], **options) -> Reward:
         raise TypeError(f"load() takes a name, a path or a mapping name->weight, got {type(name_or_path).__name__}")
     if "," in name_or_path or "=" in name_or_path:
         return load(parse_spec(name_or_path), **options)
+    if name_or_path.strip().lower().startswith(REMOTE_PREFIX):
+        return _load_remote(name_or_path, options)
     if _is_registered(name_or_path):
         factory = _factory(name_or_path)
         try:

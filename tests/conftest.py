@@ -54,12 +54,17 @@ def image_folder(tmp_path_factory):
     return folder
 
 
+#: The launch configuration of the 2-process CPU tests (the README's, as shipped).
+CPU_2PROC_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "accelerate",
+                                "cpu_2proc.yaml")  # fmt: skip
+
+
 def launch_two_cpu_processes(script, args: list[str], timeout: int = 300):
-    """``accelerate launch`` two CPU workers (gloo) on ``script``; the finished process.
+    """``accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml`` on ``script``: two CPU workers (gloo).
 
     accelerate 1.15's ``--cpu`` with ``--num_processes 2`` starts a single process unless an
-    mpirun hostfile is configured; ``--multi_gpu`` on a machine with no visible GPU starts two
-    torchrun workers that accelerate runs as MULTI_CPU.
+    mpirun hostfile is configured; its MULTI_GPU launcher on a machine with no visible GPU
+    starts two torchrun workers that accelerate runs as MULTI_CPU.
     """
     import subprocess
     import sys
@@ -67,8 +72,7 @@ def launch_two_cpu_processes(script, args: list[str], timeout: int = 300):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(script), *args]  # fmt: skip
+    cmd = [accelerate, "launch", "--config_file", CPU_2PROC_CONFIG, str(script), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

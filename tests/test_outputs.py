@@ -183,7 +183,7 @@ def test_a_corrupt_checkpoint_is_one_error_naming_it(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     parts = {"trainable": {"p": param}, "optimizer": optimizer, "lr_scheduler": scheduler}
     path = CheckpointManager(tmp_path).save(TrainerState(step=1), **parts)
-    (path / "optimizer.pt").write_bytes(b"\x00" * 64)
+    (path / "optimizer.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="checkpoint-000001 does not load .*--overwrite"):
         CheckpointManager(tmp_path).load(path, **parts)
 

@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="the generator's device (default: cuda if available)")
+    parser.add_argument("--reward-device", default=None,
+                        help="the rewards' device, e.g. cuda:1 beside the generator's (default: cpu, where rewards "
+                             "load); a remote:http://... reward scores on its server")
     parser.add_argument("--out", type=Path, required=True,
                         help="output directory: 0000.png ..., samples.jsonl (per-image scores), report.json, "
                              "report.md, grid.png")
@@ -95,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
     if not names:
         raise CommandError("--reward needs at least one reward name (e.g. shapes-oracle)")
+    reward_device = resolve_device(args.reward_device, "--reward-device") if args.reward_device else None
     scorers = {}
     for name in names:
         with blame("--reward", name):
             scorers[name] = rewards.load(name)
+        if reward_device is not None:
+            scorers[name] = scorers[name].to(reward_device)
     device = resolve_device(args.device)
     with blame("--pipeline", args.pipeline):
         adapter = pipelines.load(args.pipeline, dtype=torch.float32, device=device)

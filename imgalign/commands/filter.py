@@ -6,7 +6,9 @@
 
 Items are text-to-image records (image + prompt) or edit triples (source image +
 instruction + edited image). Rerunning the same command with ``--resume`` after a crash
-continues where it stopped; a non-empty ``--out`` needs ``--resume`` or ``--overwrite``. A run
+continues where it stopped; a non-empty ``--out`` needs ``--resume`` or ``--overwrite``. A reward
+served by another process (``--reward remote:http://host:port``, see ``imgalign serve-reward``)
+that stops answering stops the run the same way, with nothing lost. A run
 in which no item could be scored exits with status 2. See :mod:`imgalign.curation` for the
 outputs.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgalign.commands import CommandError, add_output_arguments, blame, prepare_out, resolve_device
+from imgalign.commands import CommandError, add_output_arguments, blame, one_line, prepare_out, resolve_device
 
 HELP = "Score a dataset with a reward (or composite) and keep the top fraction or a threshold."
 #: What filter writes into --out (what --overwrite removes); see imgalign.curation.
@@ -38,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-key", default=None, help="record field of the source image of an edit (default: auto)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N")
     parser.add_argument("--bins", type=int, default=30, metavar="N", help="histogram bins")
-    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: the process's accelerate device)")
+    parser.add_argument("--device", "--reward-device", dest="device", default=None,
+                        help="the reward's device: cpu, cuda ... (default: the process's accelerate device)")
     parser.add_argument("--out", required=True, metavar="DIR")
     add_output_arguments(parser)
 
@@ -82,7 +85,7 @@ def run(args) -> int:
     from accelerate import PartialState
 
     import rewards
-    from imgalign.curation import FilterSpec, run_filter
+    from imgalign.curation import UNREACHABLE, FilterSpec, run_filter
 
     try:
         rewards.data.dataset_format(args.data)
@@ -103,7 +106,11 @@ def run(args) -> int:
                       top_fraction=args.top_fraction, threshold=args.threshold, per=args.per,
                       image_key=args.image_key, prompt_key=args.prompt_key, source_key=args.source_key,
                       batch_size=args.batch_size, bins=args.bins)
-    summary = run_filter(spec, reward, state if state.num_processes > 1 else None)
+    try:
+        summary = run_filter(spec, reward, state if state.num_processes > 1 else None)
+    except UNREACHABLE as err:
+        raise CommandError(f"{one_line(err)} -- every item scored so far is saved in {args.out}: rerun the same "
+                           "command with --resume once the reward is reachable") from None  # fmt: skip
     if summary is not None:
         print(f"kept {summary['kept']} of {summary['items']} item(s) ({summary['errors']} error(s)) -> "
               f"{summary['kept_dataset']}; scores in {args.out}/scores.jsonl, histogram {args.out}/histogram.png")

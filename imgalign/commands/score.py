@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-images", default=None, metavar="DIR",
                         help="reference images for similarity rewards, matched by file name")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", "--reward-device", dest="device", default=None,
+                        help="the reward's device: cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--out", required=True, metavar="FILE.jsonl")
     parser.add_argument("--resume", action="store_true", help="--out exists: score only the images not yet in it")
     parser.add_argument("--overwrite", action="store_true", help="--out exists: replace it")
@@ -212,6 +213,9 @@ def run(args) -> int:
                         comps = reward.score_components(images, texts, **cond)
                 except ValueError as err:
                     raise CommandError(str(err)) from None
+                except (ConnectionError, TimeoutError) as err:  # a served reward that went away
+                    raise CommandError(f"{' '.join(str(err).split())} -- the images scored so far are in {out}: "
+                                       "rerun the same command with --resume once the reward is reachable") from None
                 for j, i in enumerate(ids):
                     records[i]["scores"] = {n: float(v[j]) for n, v in comps.items() if n != "total"}
                     records[i]["total"] = float(comps["total"][j])

@@ -3,7 +3,9 @@
 Layout of ``<output_dir>/checkpoints/checkpoint-000120/``::
 
     trainable.safetensors      trainable parameters by name (the LoRA, or the whole denoiser)
-    optimizer.pt, lr_scheduler.pt, ema.pt   state dicts (tensors + numbers: loaded weights_only)
+    optimizer.safetensors      optimizer state by parameter name: ``<name>/exp_avg``, ``<name>/step``, ...
+    optimizer.json             its param groups (hyperparameters, parameter names) and non-tensor state
+    lr_scheduler.pt, ema.pt    state dicts (tensors + numbers: loaded weights_only)
     extra.safetensors          other module state that moves during training (reward running stats)
     scaler.json                fp16 loss scaler state (scale, growth tracker), when loss scaling is on
     rng-<process>.json         python / numpy / torch (+ CUDA) RNG states of each process
@@ -12,6 +14,12 @@ Layout of ``<output_dir>/checkpoints/checkpoint-000120/``::
 Why our own format rather than ``accelerator.save_state``: accelerate stores the whole
 (frozen) model and reloads custom state and RNG pickles with ``weights_only=False``; we store
 only what trains, and nothing here unpickles code.
+
+Everything is stored in full (unsharded) and keyed by parameter *name*, whatever the run's
+``train.distributed``: under FSDP the shards are gathered for saving and re-sharded on load
+(:class:`~imgalign.train.sharding.ShardedTrainable`), so a checkpoint resumes with DDP or FSDP
+on any number of processes. (Checkpoints written before the optimizer state moved to
+safetensors have ``optimizer.pt``, keyed by position; it still loads, ``weights_only``.)
 
 A checkpoint is written into a hidden temporary directory and renamed into place once every
 process has written its part, so a crash mid-write never leaves a half checkpoint that
@@ -36,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import ordinary_permissions
+from .sharding import full_tensor, shard_like
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -146,7 +155,11 @@ class CheckpointManager:
         process_index: int = 0,
         is_main: bool = True,
         barrier: Callable[[], None] = lambda: None,
+        sharded: Any | None = None,
     ) -> None:
+        """``sharded``: the run's :class:`~imgalign.train.sharding.ShardedTrainable` under FSDP (then
+        every process must call :meth:`save` and :meth:`load`: gathering the shards is a collective)."""
+        self.sharded = sharded
         self.directory = Path(directory)
         self.total_limit = total_limit
         self.process_index = process_index
@@ -172,16 +185,28 @@ class CheckpointManager:
         """
         final = self.directory / checkpoint_name(state.step)
         tmp = self.directory / f".{final.name}.tmp"
+        # Full tensors first, on every process (under FSDP each gather is a collective).
+        if self.sharded is not None:
+            weights = self.sharded.full_trainable()
+            optimizer_state = self.sharded.full_optimizer_state(optimizer)
+        else:
+            weights = trainable
+            optimizer_state = _named_optimizer_state(optimizer, trainable)
+        ema_state = None
+        if ema is not None:
+            ema_state = ema.state_dict()
+            ema_state["shadow_params"] = [full_tensor(t) for t in ema_state["shadow_params"]]
+        extra = {k: full_tensor(v) for k, v in (extra or {}).items()}
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
         if self.is_main:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-            torch.save(_state_to_cpu(optimizer.state_dict()), tmp / "optimizer.pt")
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+            _write_optimizer_state(optimizer_state, tmp)
             torch.save(_state_to_cpu(lr_scheduler.state_dict()), tmp / "lr_scheduler.pt")
-            if ema is not None:
-                torch.save(_state_to_cpu(ema.state_dict()), tmp / "ema.pt")
+            if ema_state is not None:
+                torch.save(_state_to_cpu(ema_state), tmp / "ema.pt")
             if extra:
                 save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
             scaler_state = scaler.state_dict() if scaler is not None else {}
@@ -246,16 +271,24 @@ class CheckpointManager:
                 f"{path}: trainable parameters do not match the run (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}); was it saved with another LoRA rank/targets or full fine-tuning?"
             )
-        with torch.no_grad():
-            for name, param in trainable.items():
-                param.copy_(saved[name].to(param.device, param.dtype))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if self.sharded is not None:
+            self.sharded.load_trainable(saved)
+        else:
+            with torch.no_grad():
+                for name, param in trainable.items():
+                    param.copy_(saved[name].to(param.device, param.dtype))
+        optimizer_state = _read_optimizer_state(path, optimizer, trainable)
+        if self.sharded is not None:
+            self.sharded.load_optimizer_state(optimizer, optimizer_state)
+        else:
+            optimizer.load_state_dict(_positional_optimizer_state(optimizer_state, optimizer, trainable))
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True))
         if ema is not None:
             if not (path / "ema.pt").is_file():
                 raise FileNotFoundError(f"{path}: the run uses EMA but the checkpoint has no ema.pt")
             ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
-            ema.to(device=next(iter(trainable.values())).device)  # shadow weights live with the params
+            # shadow weights live with the params, sharded as they are
+            ema.shadow_params = [shard_like(s, p) for s, p in zip(ema.shadow_params, trainable.values(), strict=True)]
         if extra_modules and (path / "extra.safetensors").is_file():
             extra = load_file(path / "extra.safetensors")
             for prefix, module in extra_modules.items():
@@ -280,6 +313,71 @@ class CheckpointManager:
         if not file.is_file():
             return {}
         return {k[len(prefix) + 1 :]: v for k, v in load_file(file).items() if k.startswith(prefix + ".")}
+
+
+# ----------------------------------------------------------------------------- optimizer state by name
+def _parameter_order(optimizer: Any, trainable: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the optimizer's parameters in the order ``state_dict()`` numbers them."""
+    by_id = {id(p): name for name, p in trainable.items()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _with_names(positional: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A positional optimizer state dict keyed by parameter names (the layout FSDP's full state has too)."""
+    return {"state": {names[i]: value for i, value in positional["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in positional["param_groups"]]}  # fmt: skip
+
+
+def _named_optimizer_state(optimizer: Any, trainable: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return _with_names(optimizer.state_dict(), _parameter_order(optimizer, trainable))
+
+
+def _positional_optimizer_state(named: dict[str, Any], optimizer: Any, trainable: dict[str, torch.Tensor]) -> dict[str, Any]:
+    position = {name: i for i, name in enumerate(_parameter_order(optimizer, trainable))}
+    groups = []
+    for saved, live in zip(named["param_groups"], optimizer.param_groups, strict=True):
+        group = {k: tuple(v) if isinstance(live.get(k), tuple) and isinstance(v, list) else v for k, v in saved.items()}
+        groups.append({**group, "params": [position[n] for n in saved["params"]]})
+    return {"state": {position[name]: value for name, value in named["state"].items()}, "param_groups": groups}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _write_optimizer_state(named: dict[str, Any], directory: Path) -> None:
+    tensors, scalars = {}, {}
+    for name, per_param in named["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    save_file(tensors, directory / "optimizer.safetensors")
+    groups = [{k: _json_value(v) for k, v in g.items()} for g in named["param_groups"]]
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": groups, "scalars": scalars}, indent=1))
+
+
+def _read_optimizer_state(path: Path, optimizer: Any, trainable: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The named optimizer state of a checkpoint (or of an older one's positional ``optimizer.pt``)."""
+    if not (path / "optimizer.safetensors").is_file() and (path / "optimizer.pt").is_file():
+        positional = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        return _with_names(positional, list(trainable))  # the skeleton's optimizer takes the trainable dict in order
+    meta = json.loads((path / "optimizer.json").read_text())
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in load_file(path / "optimizer.safetensors").items():
+        name, _, item = key.rpartition("/")
+        state.setdefault(name, {})[item] = value
+    for name, values in meta["scalars"].items():
+        state.setdefault(name, {}).update(values)
+    unknown = sorted(set(state) - set(trainable))
+    if unknown:
+        raise ValueError(f"{path}: optimizer state for parameters the run does not train ({unknown[:3]})")
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 __all__ = ["CheckpointManager", "TrainerState", "checkpoint_name", "list_checkpoints", "resolve_resume"]

@@ -68,6 +68,19 @@ class OptimConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """Sharding options under ``train.distributed: fsdp`` (see :mod:`imgalign.train.sharding`).
+
+    Mixed precision is ``train.mixed_precision`` (bf16: blocks compute in bf16, gradients are
+    reduced in fp32, the sharded master weights stay fp32).
+    """
+
+    reshard_after_forward: bool = True  # free gathered blocks after forward (re-gathered in backward): less memory
+    cpu_offload: bool = False  # sharded weights, gradients and optimizer state live in host memory
+    activation_checkpointing: bool = False  # recompute every sharded block in backward (parameter names unchanged)
+
+
+@dataclass
 class LoopConfig:
     """The training loop: steps, batches, precision, checkpoints, stability guards."""
 
@@ -84,6 +97,8 @@ class LoopConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 1
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # ddp: every process holds the whole model; fsdp: sharded (FSDP2)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass
@@ -143,6 +158,7 @@ class PipelineTrainingConfig(TrainingConfig):
     pipeline: str = ""  # pipeline directory, hub id or a named pipeline ("shapes")
     reward: str | dict[str, float] = ""  # a registered reward, "a=1,b=0.5", or {name: weight}
     reward_options: dict[str, Any] = field(default_factory=dict)
+    reward_device: str | None = None  # the reward's device (cuda:1: beside the generator's); None: the run's
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

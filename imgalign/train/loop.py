@@ -10,8 +10,9 @@ The run skeleton (:mod:`imgalign.train.run`) and the pipeline setup
   uninterrupted run drew, with no generator state to carry;
 * :func:`setup_trainable`, :func:`build_optimizer` — LoRA or full fine-tuning, AdamW and a
   diffusers LR schedule;
-* :class:`GradientStep` — cross-process gradient averaging, clipping, the non-finite guard,
-  optimizer/LR/EMA steps;
+* :class:`GradientStep` — cross-process gradient averaging (plain data parallelism; under
+  FSDP the reduce-scatter averages, see :mod:`imgalign.train.sharding`), clipping, the
+  non-finite guard, optimizer/LR/EMA steps;
 * :class:`RunLogger` — ``metrics.jsonl``, accelerate trackers (TensorBoard, wandb) and a tqdm
   bar with ETA.
 
@@ -19,7 +20,8 @@ Why gradients are averaged by hand instead of wrapping the denoiser in DDP: rewa
 backpropagation calls the denoiser a step-dependent number of times per update, some calls
 checkpointed and some under ``no_grad``; DDP's reducer needs ``find_unused_parameters`` /
 ``static_graph`` for that, and the adapters read ``denoiser.config``, which a DDP wrapper
-hides. One all-reduce of the trainable gradients per optimizer step is what DDP would do.
+hides. One all-reduce of the trainable gradients per optimizer step is what DDP would do
+(``tests/test_fsdp.py`` checks it against ``torch.nn.parallel.DistributedDataParallel``).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def build_accelerator(loop: LoopConfig, output_dir: str | Path) -> Any:
             trackers.append("wandb")
         elif name not in ("none", ""):
             raise ValueError(f"unknown tracker {name!r} in train.report_to: use tensorboard, wandb or none")
+    from .sharding import check_launch_config
+
+    check_launch_config(loop)
     output_dir = Path(output_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Under torchrun / `accelerate launch --multi_gpu` on a machine with no GPU, accelerate
@@ -196,14 +201,16 @@ class GradientStep:
     """Average, clip and apply the accumulated gradients, or skip a non-finite step.
 
     A step is skipped when the loss or the gradient norm is non-finite on *any* process (the
-    flag travels with the gradient all-reduce, so all processes agree). With fp16 loss
+    flag travels with the gradient all-reduce, so all processes agree). ``sharded``: the
+    parameters are FSDP shards whose gradients the reduce-scatter has already averaged; only
+    the flag is reduced, and the norm is the sharded-aware one (DTensor). With fp16 loss
     scaling an overflow is the scaler's business: the optimizer step is handed to it (it
     skips and lowers the scale) and is not counted as a failure.
     """
 
     def __init__(self, accelerator: Any, params: list[torch.nn.Parameter], optimizer: Any, lr_scheduler: Any,
-                 max_grad_norm: float | None, ema: Any | None = None) -> None:  # fmt: skip
-        self.accelerator, self.params = accelerator, params
+                 max_grad_norm: float | None, ema: Any | None = None, sharded: bool = False) -> None:  # fmt: skip
+        self.accelerator, self.params, self.sharded = accelerator, params, sharded
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.max_grad_norm, self.ema = max_grad_norm, ema
         self.loss_was_finite = True
@@ -215,7 +222,8 @@ class GradientStep:
     def __call__(self) -> StepOutcome:
         bad_loss = self._sync_gradients()
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, max_norm))
+        norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a replicated DTensor
         self.loss_was_finite = True
         if getattr(self.accelerator, "scaler", None) is not None:
             # fp16 loss scaling: the scaler skips non-finite steps itself and lowers its scale.
@@ -242,6 +250,8 @@ class GradientStep:
         flag = torch.tensor([0.0 if self.loss_was_finite else 1.0], device=self.accelerator.device)
         if self.accelerator.num_processes == 1:
             return bool(flag.item())
+        if self.sharded:
+            return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         # A parameter no process gave a gradient (e.g. an inactive segment adapter) keeps
         # grad None, so the optimizer leaves it alone exactly as in a single-process run.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]

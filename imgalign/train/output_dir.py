@@ -39,6 +39,8 @@ SAFE_TO_CHANGE_ON_RESUME = (
     "train.max_nonfinite_steps",
     "train.report_to",
     "validation.every",
+    "train.distributed",  # checkpoints hold full (unsharded) state either way: resume with DDP or FSDP,
+    "train.fsdp",  # on any number of processes
 )
 
 

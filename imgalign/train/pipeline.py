@@ -11,6 +11,7 @@ more keep a subclass of it in their own recipe file.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,9 @@ class PipelineTrainee(Trainee):
     def moving_state(self) -> dict[str, torch.nn.Module]:
         return {} if self.reward is None else {"reward": self.reward}
 
+    def trainable_module(self) -> torch.nn.Module:
+        return pipelines.unwrap_model(self.adapter.denoiser)
+
     def prepare_step(self, schedule: pipelines.Schedule, i: int) -> None:
         """Called before every sampling step: a trainee whose weights depend on the step (one LoRA per
         timestep segment) switches them here."""
@@ -96,7 +100,7 @@ def setup_pipeline(run: Run, *, needs_reward: bool = True, needs_images: bool = 
 
     reward = None
     if needs_reward:
-        reward = rewards.load(cfg.reward, **cfg.reward_options).to(run.device)
+        reward = rewards.load(cfg.reward, **cfg.reward_options).to(cfg.reward_device or run.device)
         reward.requires_grad_(False)
         reward.train()  # only updates a composite's running statistics; networks stay in eval
     height, width = adapter.check_size(cfg.sampling.height, cfg.sampling.width)
@@ -110,6 +114,12 @@ def check_pipeline(cfg: PipelineTrainingConfig) -> None:
     """The check every pipeline method's config starts with: there is a pipeline to train."""
     if not cfg.pipeline:
         raise ValueError("no pipeline: set pipeline=<directory, hub id or a named pipeline such as shapes>")
+    if cfg.reward_device is not None:
+        try:
+            torch.device(cfg.reward_device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"reward_device={cfg.reward_device!r} is not a device: use cpu, cuda or cuda:N, or leave "
+                             "it unset for the run's device") from None  # fmt: skip
 
 
 def build_data(cfg: PipelineTrainingConfig, adapter: DiffusionAdapter, num_processes: int, height: int, width: int,
@@ -148,13 +158,23 @@ def encode(adapter: DiffusionAdapter, cfg: PipelineTrainingConfig, prompts: list
 
 def score(reward: rewards.Reward, images: torch.Tensor, prompts: list[str],
           source_images: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """The reward with only the conditioning inputs it declares."""
+    """The reward with only the conditioning inputs it declares, on the reward's device (``reward_device``):
+    images go there and the scores come back to the images' device (gradients flow through both moves)."""
+    where = reward_device(reward) or images.device
     cond = {}
     if "source_images" in reward.info.inputs:
         if source_images is None:
             raise ValueError(f"reward {reward.name!r} needs source images: train an edit model with data.images")
-        cond["source_images"] = source_images.to(images.device)
-    return reward(images, prompts, **cond)
+        cond["source_images"] = source_images.to(where)
+    return reward(images.to(where), prompts, **cond).to(images.device)
+
+
+def reward_device(reward: torch.nn.Module) -> torch.device | None:
+    """Where the reward's weights are; ``None`` for a reward without any (an oracle, a remote reward), which
+    scores wherever its inputs are."""
+    for tensor in itertools.chain(reward.parameters(), reward.buffers()):
+        return tensor.device
+    return None
 
 
 def validation_images(trainee: PipelineTrainee) -> tuple[torch.Tensor, Batch]:
@@ -199,4 +219,5 @@ def sample_images(trainee: PipelineTrainee, batch: Batch, generators: list[torch
     return x, images
 
 
-__all__ = ["PipelineTrainee", "build_data", "check_pipeline", "encode", "sample_images", "score", "setup_pipeline", "validation_images"]
+__all__ = ["PipelineTrainee", "build_data", "check_pipeline", "encode", "reward_device", "sample_images", "score",
+           "setup_pipeline", "validation_images"]

@@ -186,6 +186,10 @@ class StepContext:
     def rng(self, stream: str):
         return self.micro.rng(stream)
 
+    def steps_rng(self, stream: str):
+        """For choices that set how many denoiser calls the step makes (the same on every process under FSDP)."""
+        return self.micro.steps_rng(stream)
+
 
 @dataclass
 class Sampled:
@@ -223,7 +227,7 @@ def _initial_latents(ctx: StepContext) -> torch.Tensor:
 
 def sample_refl(ctx: StepContext) -> Sampled:
     """ReFL: no grad up to a random late step, then one step with grad -> x0 -> decode."""
-    stop = refl_stop_step(ctx.cfg.refl.window, ctx.rng("stop-step"))
+    stop = refl_stop_step(ctx.cfg.refl.window, ctx.steps_rng("stop-step"))
     x = _denoise_without_grad(ctx, _initial_latents(ctx), 0, stop)
     out = _predict_with_grad(ctx, x, stop)
     images = ctx.adapter.decode(ctx.adapter.pred_x0(out, ctx.schedule, stop, x))
@@ -236,7 +240,7 @@ def sample_draft(ctx: StepContext) -> Sampled:
     if d.lv_samples > 0:
         return _sample_draft_lv(ctx)
     if d.truncation_mean is not None:
-        first = alignprop_truncation_step(d.truncation_mean, d.truncation_std, T, ctx.rng("truncation"))
+        first = alignprop_truncation_step(d.truncation_mean, d.truncation_std, T, ctx.steps_rng("truncation"))
     else:
         first = T - d.k
     x = _denoise_without_grad(ctx, _initial_latents(ctx), 0, first)
@@ -275,7 +279,7 @@ def sample_imagerefl(ctx: StepContext) -> Sampled:
     cond_only = Conditioning(cond=ctx.cond.cond, uncond=None, guidance_scale=1.0, extra=ctx.cond.extra)
     out_start = adapter.predict(x_start, sched, c.start_step, cond_only)
     mse = denoising_loss(out_start, target_at_step(adapter, sched, c.start_step, x0_real, noise))
-    stop = refl_stop_step(c.window, ctx.rng("stop-step"))
+    stop = refl_stop_step(c.window, ctx.steps_rng("stop-step"))
     x = _denoise_without_grad(ctx, x_start, c.start_step, stop)
     out = _predict_with_grad(ctx, x, stop)
     images = adapter.decode(adapter.pred_x0(out, sched, stop, x))

@@ -100,6 +100,9 @@ class RewardModelTrainee(Trainee):
         self.last_validation = {f"val_{k}": v for k, v in metrics.items()}
         return self.last_validation, None
 
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model
+
     def save(self, output_dir: Path) -> Path:
         (output_dir / "final_metrics.json").write_text(json.dumps(self.last_validation, indent=2) + "\n")
         return save_trained_reward(self.model, output_dir / "reward")

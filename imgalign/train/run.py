@@ -3,7 +3,9 @@
 :func:`train` reads top to bottom::
 
     setup     accelerator, seed, the method's setup (models, reward, data, trainable
-              parameters), optimizer + LR schedule + EMA, checkpoints, resume, logger
+              parameters), the trainable module sharded under ``train.distributed: fsdp``
+              (:mod:`imgalign.train.sharding`), optimizer + LR schedule + EMA, checkpoints,
+              resume, logger
     loop      for each optimizer step, for each micro-batch: the method's step gives a
               loss (SAMPLE / SCORE / loss), backward; then the guarded optimizer step
               (cross-process averaging, clipping, non-finite skip-and-stop), metrics,
@@ -46,6 +48,7 @@ from .loop import (
 from .model_card import metrics_for_card, write_model_card
 from .output_dir import check_output_dir, check_resume_config, clear_output_dir
 from .registry import available_methods, get_method
+from .sharding import ShardedTrainable, shard_trainable
 
 
 TRAINEE_STATE = "trainee"  # the prefix of Trainee.state_tensors() in a checkpoint's extra.safetensors
@@ -85,6 +88,7 @@ class MicroStep:
     index: int  # micro-step counter: step * gradient_accumulation_steps + micro
     process_index: int
     seed: int
+    sharded: bool = False  # train.distributed=fsdp: every denoiser call is a collective
 
     def generators(self, stream: str, n: int) -> list[torch.Generator]:
         """``n`` CPU generators (one per image) for a named random stream of this micro-step."""
@@ -93,6 +97,12 @@ class MicroStep:
     def rng(self, stream: str) -> random.Random:
         """A Python RNG for discrete choices (a stop step, a truncation point)."""
         return step_rng(self.seed, self.index, self.process_index, stream)
+
+    def steps_rng(self, stream: str) -> random.Random:
+        """A Python RNG for choices that decide how many denoiser calls the micro-step makes (a stop step,
+        a truncation point): per process, but the same on every process under FSDP, where each
+        call of the sharded denoiser is a collective that every process must make."""
+        return step_rng(self.seed, self.index, 0 if self.sharded else self.process_index, stream)
 
 
 @dataclass
@@ -125,6 +135,11 @@ class Trainee:
     def moving_state(self) -> dict[str, torch.nn.Module]:
         """Modules whose buffers change while training (a composite reward's running statistics)."""
         return {}
+
+    def trainable_module(self) -> torch.nn.Module | None:
+        """The module that holds every trainable weight (the denoiser, the reward model): what
+        ``train.distributed=fsdp`` shards. None: this method cannot be sharded."""
+        return None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Method state that is neither weights nor optimizer (a rollout buffer shared by several
@@ -175,6 +190,10 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     if method.check is not None:
         method.check(cfg)
     loop = cfg.train
+    lora = getattr(cfg, "lora", None)
+    if loop.distributed == "fsdp" and lora is not None and lora.enabled:
+        raise ValueError("train.distributed=fsdp shards full fine-tuning: set lora.enabled=false, or train the LoRA "
+                         "with train.distributed=ddp (its weights and optimizer state are small)")  # fmt: skip
     if loop.gradient_accumulation_steps < 1 or loop.batch_size < 1 or loop.max_steps < 1:
         raise ValueError("train.max_steps, train.batch_size and train.gradient_accumulation_steps must be >= 1")
     out_dir = Path(cfg.output_dir)
@@ -199,9 +218,21 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     if not params:
         raise ValueError(f"{method.name}: nothing to train (no parameter requires a gradient)")
     broadcast_parameters(params, accelerator)
+    sharded: ShardedTrainable | None = None
+    if loop.distributed == "fsdp":  # see imgalign.train.sharding
+        module = trainee.trainable_module()
+        if module is None:
+            raise ValueError(f"{method.name} cannot be sharded (its Trainee names no trainable_module()); "
+                             "use train.distributed=ddp")  # fmt: skip
+        sharded = shard_trainable(module, named_params, loop, device)
+        named_params = sharded.named_trainable()
+        params = list(named_params.values())
+        with contextlib.suppress(AttributeError):  # a trainee whose `trainable` is a property sees the shards already
+            trainee.trainable = named_params
 
     optimizer, lr_scheduler = build_optimizer(params, cfg.optim, loop.max_steps)
-    optimizer = accelerator.prepare(optimizer)  # loss scaling (fp16) and device placement
+    if sharded is None:  # FSDP: no loss scaling (fp16 is refused), the shards are already placed
+        optimizer = accelerator.prepare(optimizer)  # loss scaling (fp16) and device placement
     scaler = getattr(accelerator, "scaler", None)  # fp16's GradScaler; None otherwise
     ema = None
     if loop.ema_decay is not None:
@@ -211,7 +242,7 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
 
     checkpoints = CheckpointManager(out_dir / "checkpoints", total_limit=loop.checkpoints_total_limit,
                                     process_index=rank, is_main=accelerator.is_main_process,
-                                    barrier=accelerator.wait_for_everyone)  # fmt: skip
+                                    barrier=accelerator.wait_for_everyone, sharded=sharded)  # fmt: skip
     config_yaml = to_yaml(cfg)
     state = TrainerState(run_id=new_run_id())  # a resume takes the checkpoint's run_id
     moving = trainee.moving_state()
@@ -226,7 +257,8 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(config_yaml)
 
-    update = GradientStep(accelerator, params, optimizer, lr_scheduler, cfg.optim.max_grad_norm, ema)
+    update = GradientStep(accelerator, params, optimizer, lr_scheduler, cfg.optim.max_grad_norm, ema,
+                          sharded=sharded is not None)  # fmt: skip
     run_log = RunLogger(accelerator, out_dir, loop.max_steps, state.step, f"imgalign-{method.name}", to_dict(cfg))
     timer = StepTimer()
     accum = loop.gradient_accumulation_steps
@@ -235,10 +267,16 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     last_checkpoint: Path | None = resume_from
 
     def run_validation(step: int) -> dict[str, float]:
-        if not accelerator.is_main_process:
+        if sharded is None and not accelerator.is_main_process:
             return {}
+        # FSDP: every process runs the (identical, fixed-seed) validation, since each call of the
+        # sharded model is a collective; the main process keeps the results.
         with ema_weights(ema, params):
             metrics, images = trainee.validate(step)
+        if sharded is not None:
+            sharded.reshard()
+            if not accelerator.is_main_process:
+                return {}
         if images is not None:
             save_grid(images, out_dir / "validation" / f"step-{step:06d}.png")
             run_log.images(step, "validation", images)
@@ -263,7 +301,7 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
         sums: dict[str, float] = {}
         rewards_seen: list[torch.Tensor] = []
         for micro in range(accum):
-            micro_step = MicroStep(state.step, state.step * accum + micro, rank, loop.seed)
+            micro_step = MicroStep(state.step, state.step * accum + micro, rank, loop.seed, sharded=sharded is not None)
             with accelerator.accumulate():
                 with accelerator.autocast():
                     out = method.step(trainee, micro_step)  # SAMPLE / SCORE / loss: the method's own body
@@ -327,9 +365,15 @@ def train(cfg: TrainingConfig, *, resume: str | None = None, stop_after_steps: i
     if loop.checkpoint_every and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{state.step:06d}")):
         save_checkpoint()
     weights_dir = None
+    if sharded is None:
+        if accelerator.is_main_process:
+            with ema_weights(ema, params):
+                weights_dir = trainee.save(out_dir)
+    else:  # every process swaps the EMA shards in and gathers; the main process writes plain full weights
+        with ema_weights(ema, params), sharded.unsharded_on_main(accelerator.is_main_process):
+            if accelerator.is_main_process:
+                weights_dir = trainee.save(out_dir)
     if accelerator.is_main_process:
-        with ema_weights(ema, params):
-            weights_dir = trainee.save(out_dir)
         if weights_dir is not None and Path(weights_dir).is_dir():
             ordinary_permissions(weights_dir)  # safetensors writes 0600 files whatever the umask
             write_model_card(weights_dir, config=to_dict(cfg), method=method.name,

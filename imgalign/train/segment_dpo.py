@@ -45,6 +45,7 @@ import rewards
 from ..sampling.segments import SegmentRouting, save_routing
 from .config import PipelineTrainingConfig
 from .data import StepIndexedSampler
+from .pipeline import score
 from .preference import (
     Candidates,
     DpoConfig,
@@ -148,7 +149,8 @@ def setup(run: Run) -> TpoTrainee:
     for seg in per_segment:
         reward = None
         if cfg.data.source == "on_policy" and seg.reward:
-            reward = rewards.load(seg.reward, **seg.reward_options).to(run.device).requires_grad_(False)
+            reward = rewards.load(seg.reward, **seg.reward_options).to(cfg.reward_device or run.device)
+            reward.requires_grad_(False)
         trainee.segment_rewards.append(reward)
         pairs = None
         if cfg.data.source == "pairs" and seg.pairs and seg.pairs != cfg.data.pairs:
@@ -181,7 +183,7 @@ def segment_pairs(trainee: TpoTrainee, micro: MicroStep, k: int, candidates: Can
     reward = trainee.segment_rewards[k] or trainee.reward
     if reward is not labeller:
         with torch.no_grad():
-            scores = reward(candidates.images, [p for p in candidates.prompts for _ in range(t.candidates)])
+            scores = score(reward, candidates.images, [p for p in candidates.prompts for _ in range(t.candidates)])
         candidates = type(candidates)(candidates.prompts, candidates.sources, candidates.latents,
                                       scores.float().cpu().view(len(candidates.prompts), -1), candidates.images)  # fmt: skip
     return best_and_worst(candidates, t.margin)

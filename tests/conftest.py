@@ -59,6 +59,21 @@ CPU_2PROC_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "cpu_2proc.yaml")  # fmt: skip
 
 
+def read_metrics(output_dir) -> list[dict]:
+    """A training run's ``metrics.jsonl``, one dict per line."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def validation_gain(metrics: list[dict], step: int) -> tuple[float, float]:
+    """(validation reward before training, the last one logged at ``step``): fixed seeds, so a rise is learning."""
+    before = next(m["val_reward_mean"] for m in metrics if m["step"] == 0)
+    after = [m["val_reward_mean"] for m in metrics if m["step"] == step and "val_reward_mean" in m][-1]
+    return before, after
+
+
 def launch_two_cpu_processes(script, args: list[str], timeout: int = 300):
     """``accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml`` on ``script``: two CPU workers (gloo).
 

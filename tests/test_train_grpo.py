@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import rewards
-from conftest import PROMPTS, SIZE, assert_one_line_errors, launch_two_cpu_processes
+from conftest import PROMPTS, SIZE, assert_one_line_errors, launch_two_cpu_processes, read_metrics, validation_gain
 from imgalign.cli import main
 from imgalign.losses import group_advantages, ppo_clip_loss, step_mean_kl
 from imgalign.train.registry import load_method_config
@@ -49,10 +49,6 @@ def _overrides(pipe: str, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- the losses on fixed numbers
 def test_group_advantages_on_fixed_numbers():
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
@@ -87,7 +83,7 @@ def test_ppo_clip_loss_and_step_kl_equal_hand_computations():
 def test_the_first_update_recomputes_every_stored_log_prob_exactly_flow(sd3_dir, tmp_path, step_type):
     out = tmp_path / step_type
     train(load_method_config("grpo", None, _overrides(sd3_dir, out, grpo__step_type=step_type, train__max_steps=1)))
-    m = _metrics(out)[-1]
+    m = read_metrics(out)[-1]
     assert m["ratio_min"] == 1.0 and m["ratio_max"] == 1.0 and m["clip_fraction"] == 0.0, m
     assert m["skipped"] == 0.0 and math.isfinite(m["kl"]), m
 
@@ -99,7 +95,7 @@ def test_ddpo_ddim_ratio_is_exactly_one_and_a_second_update_moves_it(sd15_dir, t
     train(load_method_config("grpo", None, _overrides(sd15_dir, out, model__scheduler="ddim", train__max_steps=2,
                                                       grpo__updates_per_rollout=2, grpo__train_batch_size=2,
                                                       grpo__clip_range=0.2, optim__lr=1e-2)))  # fmt: skip
-    first, second = _metrics(out)
+    first, second = read_metrics(out)
     assert first["ratio_min"] == 1.0 and first["ratio_max"] == 1.0
     assert second["ratio_max"] - second["ratio_min"] > 0
     assert "reward_mean" in first and "reward_mean" not in second  # one rollout for both updates
@@ -150,9 +146,8 @@ def test_grpo_raises_the_brightness_of_the_shapes_model(tmp_path):
                                          validation__num_images=4, validation__every=4,
                                          lora__target_modules="[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_out]")]  # fmt: skip
     assert main(args) == 0
-    metrics = _metrics(out)
-    before = next(m["val_reward_mean"] for m in metrics if m["step"] == 0)
-    after = [m["val_reward_mean"] for m in metrics if m["step"] == 4 and "val_reward_mean" in m][-1]
+    metrics = read_metrics(out)
+    before, after = validation_gain(metrics, 4)
     assert after > before + 0.15, (before, after)
     rollouts = [m["reward_mean"] for m in metrics if "reward_mean" in m and "loss" in m]
     assert len(rollouts) == 4 and rollouts[-1] > rollouts[0] + 0.1, rollouts
@@ -196,7 +191,7 @@ def test_resume_between_the_updates_of_one_rollout_matches_the_uninterrupted_run
     cfg = load_method_config("grpo", None, _overrides(sd3_dir, part, **common))
     train(cfg, stop_after_steps=1)  # inside the first rollout: its second update needs the stored buffer
     train(load_method_config("grpo", None, _overrides(sd3_dir, part, **common)), resume="latest")
-    a, b = _metrics(full), _metrics(part)
+    a, b = read_metrics(full), read_metrics(part)
     for key in ("loss", "ratio_mean", "ratio_max", "grad_norm"):
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-5), key
     wa, wb = load_file(full / "lora" / "pytorch_lora_weights.safetensors"), load_file(part / "lora" / "pytorch_lora_weights.safetensors")

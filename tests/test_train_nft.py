@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import rewards
-from conftest import assert_one_line_errors
+from conftest import assert_one_line_errors, read_metrics, validation_gain
 from imgalign.cli import main
 from imgalign.losses.nft import nft_loss, optimality_probability
 from imgalign.train.nft import NftConfig, old_policy, old_policy_decay, update_old_policy
@@ -40,10 +40,6 @@ def _overrides(pipe: str, out: Path, size: int = 32, **extra) -> list[str]:
             "train.batch_size": 2, "train.report_to": "[]", "validation.num_images": 0, "nft.group_size": 4}  # fmt: skip
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -131,9 +127,8 @@ def test_nft_raises_the_brightness_of_the_shapes_model(tmp_path):
                                         validation__num_images=4, validation__every=4,
                                         lora__target_modules="[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_out]")]  # fmt: skip
     assert main(args) == 0
-    metrics = _metrics(out)
-    before = next(m["val_reward_mean"] for m in metrics if m["step"] == 0)
-    after = [m["val_reward_mean"] for m in metrics if m["step"] == 4 and "val_reward_mean" in m][-1]
+    metrics = read_metrics(out)
+    before, after = validation_gain(metrics, 4)
     assert after > before + 0.15, (before, after)
     steps = [m for m in metrics if "loss" in m]
     assert steps[-1]["reward_mean"] > steps[0]["reward_mean"]
@@ -151,7 +146,7 @@ def test_nft_resumes_exactly_between_and_inside_rollouts(tmp_path):
     assert cfg.train.gradient_accumulation_steps == 2  # one chunk of 2 images x int(3 * 0.99) times per update
     assert train(cfg, stop_after_steps=3).weights_dir is None
     train(cfg, resume="latest")
-    a, b = _metrics(full), _metrics(parts)
+    a, b = read_metrics(full), read_metrics(parts)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5]
     for key in ("loss", "policy_loss", "kl", "old_deviation", "old_decay", "advantage_abs"):
         torch.testing.assert_close(torch.tensor([m[key] for m in b]), torch.tensor([m[key] for m in a]), rtol=1e-5, atol=1e-8)

@@ -146,7 +146,7 @@ def test_demo_rejects_unknown_methods_in_one_line(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["draft", "tpo", "grpo"])
+@pytest.mark.parametrize("algo", ["draft", "tpo", "grpo", "nft"])
 def test_demo_report_has_the_documented_fields(algo, tmp_path):
     from imgalign.shapes.demo import ORACLE_METRICS, run_demo
 

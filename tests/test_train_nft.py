@@ -122,17 +122,35 @@ def test_the_old_policy_is_a_soft_updated_copy_swapped_in_for_its_forwards():
 # ----------------------------------------------------------------------------- runs
 def test_nft_raises_the_brightness_of_the_shapes_model(tmp_path):
     """Four CFG-free NFT steps on the shipped Shapes model (16x16 for speed): the fixed-seed validation gets brighter."""
+    from pipelines.adapter import DiffusionAdapter
+    from imgalign.train.nft import function_evaluations
+
     out = tmp_path / "bright"
-    args = ["train", "nft", *_overrides("shapes", out, size=16, train__max_steps=4, optim__lr=3e-3, nft__kl_weight=0,
-                                        validation__num_images=4, validation__every=4,
-                                        lora__target_modules="[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_out]")]  # fmt: skip
-    assert main(args) == 0
+    overrides = _overrides("shapes", out, size=16, train__max_steps=4, optim__lr=3e-3, nft__kl_weight=0,
+                           validation__num_images=4, validation__every=4,
+                           lora__target_modules="[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_out]")  # fmt: skip
+    images_through_the_denoiser, original = [], DiffusionAdapter.predict
+
+    def counting(self, latents, *args, **kwargs):
+        images_through_the_denoiser.append(latents.shape[0])
+        return original(self, latents, *args, **kwargs)
+
+    DiffusionAdapter.predict = counting
+    try:
+        assert main(["train", "nft", *overrides]) == 0
+    finally:
+        DiffusionAdapter.predict = original
     metrics = read_metrics(out)
     before, after = validation_gain(metrics, 4)
     assert after > before + 0.15, (before, after)
     steps = [m for m in metrics if "loss" in m]
     assert steps[-1]["reward_mean"] > steps[0]["reward_mean"]
     assert all(m["old_decay"] == pytest.approx(0.001 * (m["step"] - 1)) for m in steps)  # decay_type 1
+    # the counted evaluations are the denoiser's: 4 rollouts of 8 images x 4 steps, then per update 8 images x 3
+    # times x (old + policy); the validation's 4 images x 4 steps at steps 0 and 4 come on top
+    cfg = load_method_config("nft", None, overrides)
+    assert steps[-1]["nfe_total"] == function_evaluations(cfg, 4) == 4 * 8 * 4 + 4 * 8 * 3 * 2
+    assert sum(images_through_the_denoiser) == function_evaluations(cfg, 4) + 2 * 4 * 4
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 

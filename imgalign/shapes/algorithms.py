@@ -18,7 +18,7 @@ class Algorithm:
 
     name: str
     summary: str
-    train_method: str | None = None  # refl / draft / imagerefl, or None (test-time only)
+    train_method: str | None = None  # a registered training method (draft, dpo, grpo, nft, ...), or None (test-time only)
     overrides: dict[str, Any] = field(default_factory=dict)
     sampler: str = "ode"
     sampler_options: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +63,16 @@ GRPO_OVERRIDES = {
              "beta": 0.01},
 }
 
+# DiffusionNFT as recipes/shapes_oracle_nft.yaml: the oracle as the reward, ODE rollouts with CFG 3 (the
+# CFG-free default leaves most of the base model's groups without spread), 3 of 10 noise levels trained.
+NFT_OVERRIDES = {
+    "reward": "shapes-oracle",
+    "optim": {"weight_decay": 1e-4},
+    "train": {"batch_size": 4, "ema_decay": 0.9},
+    "nft": {"group_size": 8, "train_batch_size": 16, "timestep_fraction": 0.3, "beta": 1.0, "kl_weight": 1e-4,
+            "cfg_free": False},
+}
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
@@ -98,6 +108,9 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("smart-grpo", "Smart-GRPO (2025): GRPO whose rollouts start from each prompt's searched noise "
                   "distribution (2 rounds of 8 one-step decodes)", "smart-grpo",
                   _merge(GRPO_OVERRIDES, {"search": {"rounds": 2, "candidates": 8, "keep": 2}})),
+        Algorithm("nft", "DiffusionNFT (Zheng et al. 2025): the flow-matching loss on the old policy's ODE samples, "
+                  "contrasting implicit positive and negative policies; 4 prompts x 8 images per step, the oracle as "
+                  "the reward (recipes/shapes_oracle_nft.yaml)", "nft", NFT_OVERRIDES),
     )
 }  # fmt: skip
 # Edit alignment: the Shapes edit model, the learned edit reward, judged by the oracle's edit judgement.
@@ -121,5 +134,5 @@ def check_algorithm(name: str) -> Algorithm:
     raise ValueError(f"unknown --algo {name!r}; choose one of {', '.join(algorithm_names())}")
 
 
-__all__ = ["ALGORITHMS", "COMMON", "DEFAULT_ALGORITHM", "EDIT_ALGORITHM", "GRPO_OVERRIDES", "TPO_SEGMENTS",
+__all__ = ["ALGORITHMS", "COMMON", "DEFAULT_ALGORITHM", "EDIT_ALGORITHM", "GRPO_OVERRIDES", "NFT_OVERRIDES", "TPO_SEGMENTS",
            "TRAIN_REWARD", "Algorithm", "algorithm_names", "check_algorithm"]

@@ -356,7 +356,8 @@ def nft_step(trainee: NftTrainee, micro: MicroStep) -> StepLoss:
     metrics = {**ro.metrics, "policy_loss": float(out.loss.detach()), "unweighted_policy_loss": float(out.unweighted),
                "positive_loss": float(out.positive.mean()), "negative_loss": float(out.negative.mean()),
                "old_deviation": float(out.old_deviation), "r_mean": float(r.mean()), "timestep_index": float(i),
-               "noise_level": adapter.noise_level(sched, i)}  # fmt: skip
+               "noise_level": adapter.noise_level(sched, i),
+               "nfe_total": float(function_evaluations(cfg, micro.step + 1))}  # fmt: skip
     if v_ref is not None:
         kl = (v.float() - v_ref.float()).pow(2).mean()
         loss = loss + nft.kl_weight * kl
@@ -365,9 +366,23 @@ def nft_step(trainee: NftTrainee, micro: MicroStep) -> StepLoss:
     return StepLoss(loss, metrics, rewards=rewards)
 
 
+def function_evaluations(cfg: NftTrainingConfig, steps: int) -> int:
+    """Denoiser evaluations per process after ``steps`` optimizer steps, counted as GRPO's are.
+
+    One evaluation is one image through the denoiser at one step (a CFG pair counts once): the
+    rollout's ODE samples, then per trained image and time the old velocity, the policy's
+    forward + backward and (``nft.kl_weight > 0``) the reference's.
+    """
+    n = cfg.nft
+    images = cfg.train.batch_size * n.group_size
+    rollouts = (steps - 1) // n.updates_per_rollout + 1
+    per_update = images // n.updates_per_rollout * times_per_chunk(cfg) * (3 if n.kl_weight > 0 else 2)
+    return rollouts * images * cfg.sampling.num_steps + steps * per_update
+
+
 NFT = Method("nft", NftTrainingConfig, setup=setup, step=nft_step, check=check_config,
              help="DiffusionNFT (Zheng et al. 2025): positive/negative flow matching on old-policy samples, any solver")
 
-__all__ = ["NFT", "NftConfig", "NftRollout", "NftTrainee", "NftTrainingConfig", "check_config",
+__all__ = ["NFT", "NftConfig", "NftRollout", "NftTrainee", "NftTrainingConfig", "check_config", "function_evaluations",
            "nft_step", "old_policy", "old_policy_decay", "rollout", "setup", "times_per_chunk",
            "update_old_policy"]  # fmt: skip

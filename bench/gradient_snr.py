@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -35,6 +34,16 @@ from common import ROOT, write_json  # noqa: I001
 
 def pairwise_cosines(grads: list[torch.Tensor]) -> list[float]:
     return [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(grads, 2)]
+
+
+def jackknife_se(grads: list[torch.Tensor]) -> float | None:
+    """Standard error of the mean pairwise cosine, leaving one rollout out at a time (pairs share rollouts)."""
+    k = len(grads)
+    if k < 3:
+        return None
+    leave_one_out = [statistics.fmean(pairwise_cosines(grads[:i] + grads[i + 1 :])) for i in range(k)]
+    mean = statistics.fmean(leave_one_out)
+    return ((k - 1) / k * sum((v - mean) ** 2 for v in leave_one_out)) ** 0.5
 
 
 def snr_from_cosine(cosine: float) -> float:
@@ -86,14 +95,14 @@ def main() -> None:
     rewards = [m["reward_mean"] for m in result.metrics if "reward_mean" in m]
     row = {"config": str(args.config), "method": cfg.method, "overrides": args.overrides, "rollouts": len(grads),
            "images_per_rollout": batch, "pairwise_cosine_mean": mean_cos,
-           "pairwise_cosine_sem": statistics.stdev(cosines) / len(cosines) ** 0.5 if len(cosines) > 1 else None,
+           "pairwise_cosine_se": jackknife_se(grads),
            "pairwise_cosine_min": min(cosines), "pairwise_cosine_max": max(cosines), "halves_cosine": halves,
            "snr_per_rollout": rho, "snr_per_rollout_from_halves": rho_halves,
            "images_for_snr_1": batch / rho if rho > 0 else float("inf"),
            "grad_norm_mean": statistics.fmean(float(g.norm()) for g in grads),
            "reward_mean": statistics.fmean(rewards) if rewards else None}  # fmt: skip
     print(f"{cfg.method}: {len(grads)} rollouts of {batch} images at fixed weights")
-    print(f"pairwise cosine {mean_cos:+.4f} (min {min(cosines):+.3f}, max {max(cosines):+.3f}); halves {halves:+.4f}")
+    print(f"pairwise cosine {mean_cos:+.4f} (jackknife se {row['pairwise_cosine_se']}; min {min(cosines):+.3f}, max {max(cosines):+.3f}); halves {halves:+.4f}")
     print(f"signal-to-noise per rollout {rho:.4f} (from the halves {rho_halves:.4f}); "
           f"images for SNR 1: {row['images_for_snr_1']:.0f}")  # fmt: skip
     name = args.name or Path(args.config).stem

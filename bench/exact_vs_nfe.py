@@ -89,7 +89,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--best-of", type=int, default=16)
-    parser.add_argument("--no-search", action="store_true", help="only best-of-N, not the three search samplers")
+    parser.add_argument("--search-under", action="append", default=None,
+                        help="the guides the three search samplers also run under (repeat; default the first "
+                             "--guide; 'none' for best-of-N only)")
     parser.add_argument("--plot", default=None, help="write the figure here (PNG)")
     parser.add_argument("--quick", action="store_true", help="4 prompts x 1 seed, 4 steps, best-of-4")
     args = parser.parse_args()
@@ -139,7 +141,7 @@ def main() -> None:
                            "nfe_total": n * args.steps * images})  # fmt: skip
         print(f"best-of-N under {guide}: " + ", ".join(f"{int(n)}: {e:.3f}" for n, e in
                                                          zip(curve["n"], curve["oracle/exact"], strict=True)), flush=True)  # fmt: skip
-        if args.no_search:
+        if guide not in (args.search_under or [(args.guide or ["shapes-verifier"])[0]]):
             continue
         for name in ("noise-search", "path-search", "speculative"):
             algo, spent = ALGORITHMS[name], []

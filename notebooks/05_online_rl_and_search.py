@@ -27,9 +27,10 @@
 # Both are compared by **function evaluations** (one denoiser prediction of one image at one
 # step; a guided pair counts once), the unit the trainers log (`nfe_*`) and the samplers return.
 #
-# **What to expect.** On Shapes no online-RL training gain has been measured yet (README: a
-# 24-step NFT run left the oracle's held-out score unchanged within its interval; a 40-step GRPO
-# run of 48 images a step gained on one seed set and not on another). The runs below are two steps of one prompt × 4 images each:
+# **What to expect.** On Shapes no online-RL training gain has been measured (README: 40-step
+# GRPO, Smart-GRPO and NFT runs of 48 images a step gained on one seed set and lost on another,
+# and at that batch a GRPO step's gradient is almost all noise, `bench/gradient_snr.py`).
+# The runs below are two steps of one prompt × 4 images each:
 # they show the curves these methods log, not an improvement. The search comparison is a tiny
 # run too (3 prompts, 4 sampling steps).
 

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from common import ROOT, write_json  # noqa: I001
 
@@ -59,31 +60,29 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     args = parser.parse_args()
 
-    from imgalign.train import loop as train_loop
-    from imgalign.train import run as train_run
+    from imgalign.train.loop import GradientStep
     from imgalign.train.registry import load_method_config
+    from imgalign.train.run import train
 
     config = Path(args.config) if Path(args.config).is_file() else ROOT / args.config
     root = Path(tempfile.mkdtemp(prefix="bench-snr-"))
     overrides = [*args.overrides, f"output_dir={root / 'run'}", f"train.max_steps={args.rollouts}", "optim.lr=1e-12",
                  "optim.warmup_steps=0", "train.checkpoint_every=0", "validation.num_images=0", "train.report_to=[]",
                  "train.ema_decay=null"]  # fmt: skip
-    import yaml
-
     cfg = load_method_config(yaml.safe_load(config.read_text())["method"], str(config), overrides)
     grads: list[torch.Tensor] = []
-    original_step = train_loop.GradientStep.__call__
+    original_step = GradientStep.__call__
 
     def recording_step(self):
         grads.append(torch.cat([p.grad.detach().float().flatten() if p.grad is not None else
                                 torch.zeros(p.numel()) for p in self.params]).cpu())  # fmt: skip
         return original_step(self)
 
-    train_run.GradientStep.__call__ = recording_step
+    GradientStep.__call__ = recording_step
     try:
-        result = train_run.train(cfg)
+        result = train(cfg)
     finally:
-        train_run.GradientStep.__call__ = original_step
+        GradientStep.__call__ = original_step
     cosines = pairwise_cosines(grads)
     mean_cos = statistics.fmean(cosines)
     half = len(grads) // 2
@@ -102,7 +101,9 @@ def main() -> None:
            "grad_norm_mean": statistics.fmean(float(g.norm()) for g in grads),
            "reward_mean": statistics.fmean(rewards) if rewards else None}  # fmt: skip
     print(f"{cfg.method}: {len(grads)} rollouts of {batch} images at fixed weights")
-    print(f"pairwise cosine {mean_cos:+.4f} (jackknife se {row['pairwise_cosine_se']}; min {min(cosines):+.3f}, max {max(cosines):+.3f}); halves {halves:+.4f}")
+    se = row["pairwise_cosine_se"]
+    print(f"pairwise cosine {mean_cos:+.4f} (jackknife se {'n/a' if se is None else f'{se:.4f}'}; "
+          f"min {min(cosines):+.3f}, max {max(cosines):+.3f}); halves {halves:+.4f}")  # fmt: skip
     print(f"signal-to-noise per rollout {rho:.4f} (from the halves {rho_halves:.4f}); "
           f"images for SNR 1: {row['images_for_snr_1']:.0f}")  # fmt: skip
     name = args.name or Path(args.config).stem

@@ -38,17 +38,14 @@ from common import write_json  # noqa: I001 (puts the checkout on sys.path)
 
 def load_checkpoint_weights(adapter, checkpoint: Path) -> int:
     """Apply a training checkpoint's trainable weights (EMA shadow if saved) to ``adapter``; return its step."""
-    from safetensors.torch import load_file
-
+    from imgalign.train.checkpoint import read_trainable
     from imgalign.train.config import LoraConfig
     from imgalign.train.loop import setup_trainable
 
     run_cfg = yaml.safe_load((checkpoint.parents[1] / "config.yaml").read_text())
     lora = LoraConfig(**{k: v for k, v in run_cfg.get("lora", {}).items() if k in LoraConfig.__dataclass_fields__})
     params = setup_trainable(adapter, lora)
-    saved = load_file(str(checkpoint / "trainable.safetensors"))
-    if set(saved) != set(params):
-        raise ValueError(f"{checkpoint}: its trainable tensors do not match the run's config")
+    saved = read_trainable(checkpoint, params)
     values = [saved[name] for name in params]
     if (checkpoint / "ema.pt").is_file():  # the EMA follows the order of the trainable parameters
         values = torch.load(checkpoint / "ema.pt", weights_only=True)["shadow_params"]

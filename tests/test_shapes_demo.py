@@ -147,7 +147,10 @@ def test_demo_rejects_unknown_methods_in_one_line(capsys):
 
 def test_every_training_method_of_the_demo_resolves_to_its_checked_config(tmp_path):
     """Each method's overrides reach a config of its registered method (the slow test runs three of them)."""
+    from pathlib import Path
+
     from imgalign.shapes.demo import ALGORITHMS, training_config
+    from imgalign.train import load_method_config
 
     trained = {name: algo for name, algo in ALGORITHMS.items() if algo.train_method is not None}
     assert {"draft", "dpo", "tpo", "grpo", "smart-grpo", "nft"} <= set(trained)
@@ -155,8 +158,11 @@ def test_every_training_method_of_the_demo_resolves_to_its_checked_config(tmp_pa
         cfg = training_config(algo, tmp_path / name, max_steps=3, images_dir=tmp_path / "images")
         assert cfg.method == algo.train_method and cfg.train.max_steps == 3, name
         assert cfg.output_dir == str(tmp_path / name) and cfg.data.prompts == "shapes-heldout-align", name
-    nft = training_config(ALGORITHMS["nft"], tmp_path / "nft")
-    assert (nft.reward, nft.nft.group_size, nft.nft.cfg_free, nft.train.ema_decay) == ("shapes-oracle", 8, False, 0.9)
+    # --algo nft trains as recipes/shapes_oracle_nft.yaml does (its batch aside)
+    recipe = load_method_config("nft", Path(__file__).resolve().parents[1] / "recipes" / "shapes_oracle_nft.yaml", [])
+    demo = training_config(ALGORITHMS["nft"], tmp_path / "nft")
+    assert (demo.reward, demo.nft, demo.train.ema_decay, demo.optim.weight_decay) == \
+        (recipe.reward, recipe.nft, recipe.train.ema_decay, recipe.optim.weight_decay)
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,20 @@ def _state_to_cpu(obj: Any) -> Any:
 def _json_numbers(state: dict[str, Any]) -> dict[str, Any]:
     """A loss scaler's state dict (floats and ints, possibly 0-d tensors) as plain JSON numbers."""
     return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def read_trainable(path: str | Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``trainable.safetensors``, refused in one line unless it holds exactly ``names``."""
+    path = Path(path)
+    saved = load_file(path / "trainable.safetensors")
+    missing = sorted(set(names) - set(saved))
+    unexpected = sorted(set(saved) - set(names))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: trainable parameters do not match the run (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); was it saved with another LoRA rank/targets or full fine-tuning?"
+        )
+    return saved
 
 
 class CheckpointManager:
@@ -263,14 +277,7 @@ class CheckpointManager:
         scaler: Any | None = None,
     ) -> TrainerState:
         path = Path(path)
-        saved = load_file(path / "trainable.safetensors")
-        missing = sorted(set(trainable) - set(saved))
-        unexpected = sorted(set(saved) - set(trainable))
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: trainable parameters do not match the run (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); was it saved with another LoRA rank/targets or full fine-tuning?"
-            )
+        saved = read_trainable(path, trainable)
         if self.sharded is not None:
             self.sharded.load_trainable(saved)
         else:
@@ -380,4 +387,4 @@ def _read_optimizer_state(path: Path, optimizer: Any, trainable: dict[str, torch
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-__all__ = ["CheckpointManager", "TrainerState", "checkpoint_name", "list_checkpoints", "resolve_resume"]
+__all__ = ["CheckpointManager", "TrainerState", "checkpoint_name", "list_checkpoints", "read_trainable", "resolve_resume"]
